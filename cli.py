@@ -1,0 +1,142 @@
+"""The ``qwen3c`` command line: compile, run, inspect, demo."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from qwen3c.errors import Qwen3cError
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+class _Group(click.Group):
+    """Print a user error as one line and exit 1; keep tracebacks for real bugs only."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Qwen3cError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="qwen3c")
+def main() -> None:
+    """Ahead-of-time compiler and runtime for Qwen3 models on Apache TVM."""
+
+
+@main.command("compile")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--target", default="llvm", show_default=True, help="Compilation target.")
+@click.option("--arch", default=None, help="Target architecture (default: this host's).")
+@click.option("--cpu", default=None, help="LLVM CPU name (default: this host's; 'generic' "
+              "for a portable artifact).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--context-length", type=int, default=None,
+              help="Longest sequence the artifact serves (default: min(4096, the model's)).")
+@click.option("--prefill-chunk", type=int, default=None, help="Tokens per prefill call.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Artifact directory to write.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
+              help="Write the IR after each pipeline phase into this directory.")
+def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
+                    context_length: int | None, prefill_chunk: int | None, output: Path,
+                    dump_ir: Path | None) -> None:
+    """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
+    from qwen3c.compile import compile_model
+    from qwen3c.runtime.artifact import read_manifest
+
+    out = compile_model(model_dir, target=target, dtype=dtype, output=output, arch=arch,
+                        cpu=cpu, context_length=context_length,
+                        prefill_chunk_size=prefill_chunk, dump_ir=dump_ir)
+    _, manifest = read_manifest(out)
+    click.echo(f"compiled {model_dir} -> {out / 'model.so'} "
+               f"({manifest.target.name}/{manifest.target.arch}/{manifest.target.cpu}, "
+               f"{dtype}, {manifest.compile_seconds:.1f} s)")
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--think/--no-think", default=False, show_default=True,
+              help="Qwen3 thinking mode (with --chat).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_tokens: int,
+                temperature: float, top_k: int, top_p: float, seed: int | None,
+                stop: tuple[str, ...]) -> None:
+    """Generate text from PROMPT with a compiled ARTIFACT (its directory or model.so)."""
+    import qwen3c
+
+    model = qwen3c.load(artifact)
+    if chat:
+        if model.tokenizer is None:
+            raise qwen3c.RequestError("--chat needs the artifact's tokenizer files")
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     enable_thinking=think)
+    result = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+    click.echo(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
+    t = result.timings
+    click.echo(f"[{len(result.prompt_ids)} prompt tokens: {t.prefill_tokens_per_s:.1f} tok/s "
+               f"prefill; {len(result.token_ids)} new tokens: {t.decode_tokens_per_s:.1f} tok/s "
+               f"decode; finish: {result.finish_reason}]", err=True)
+
+
+@main.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect_command(artifact: Path, as_json: bool) -> None:
+    """Show what a compiled ARTIFACT holds."""
+    from qwen3c.runtime.artifact import read_manifest
+
+    directory, manifest = read_manifest(artifact)
+    if as_json:
+        click.echo((directory / "manifest.json").read_text(encoding="utf-8"), nl=False)
+        return
+    model = manifest.model
+    n_params = sum(math.prod(p.shape) for p in manifest.params)
+    lines = [
+        f"artifact      {directory}",
+        f"architecture  {manifest.architecture}: {model['num_hidden_layers']} layers, hidden "
+        f"{model['hidden_size']}, heads {model['num_attention_heads']}/"
+        f"{model['num_key_value_heads']} x {model['head_dim']}, vocab {model['vocab_size']}, "
+        f"{'tied' if model['tie_word_embeddings'] else 'untied'} embeddings",
+        f"parameters    {n_params / 1e6:.1f} M in {len(manifest.params)} tensors, "
+        f"{manifest.dtype}, {len(manifest.weight_files)} weight file(s)",
+        f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
+        f"context       {manifest.context_length} tokens, prefill chunk "
+        f"{manifest.prefill_chunk_size}",
+        f"built with    qwen3c {manifest.qwen3c_version}, TVM {manifest.tvm_version}, "
+        f"in {manifest.compile_seconds:.1f} s",
+        f"tokenizer     {', '.join(manifest.tokenizer_files) or 'none'}",
+        "entry points:",
+    ]
+    for name, signature in manifest.entry_points.items():
+        lines.append(f"  {name}({', '.join(signature['params'])}) -> {signature['returns']}")
+    click.echo("\n".join(lines))
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("artifacts/demo"),
+              show_default=True, help="Where the tiny checkpoint and its artifact go.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+def demo_command(workdir: Path, dtype: str) -> None:
+    """Build a tiny random Qwen3, compile it, generate, and compare with HF transformers."""
+    from qwen3c.demo import run_demo
+
+    run_demo(workdir, dtype=dtype, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Read a Hugging Face Qwen3 config.json into a validated, typed model configuration.
+
+Everything the model definition needs comes from here, so an unsupported checkpoint is refused
+once, with a message, before any compilation starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from qwen3c.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """The subset of a Qwen3 config.json that determines the computation."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Qwen3Config:
+        _check_supported(raw)
+        try:
+            heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            config = cls(
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_parameters(raw).get("rope_theta", 10000.0)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+                eos_token_ids=_token_ids(raw.get("eos_token_id")),
+            )
+        except KeyError as missing:
+            raise ConfigError(f"config.json lacks the required field {missing}") from None
+        except (TypeError, ValueError) as bad:
+            raise ConfigError(f"config.json has a malformed field: {bad}") from None
+        config._check_shapes()
+        return config
+
+    def _check_shapes(self) -> None:
+        positive = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if isinstance(getattr(self, f.name), int)
+                    and not isinstance(getattr(self, f.name), bool)}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"config.json: {name} must be positive, got {value}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(model_dir: str | Path) -> Qwen3Config:
+    """Read ``model_dir/config.json`` (and eos ids from generation_config.json when present)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a directory (expected a Hugging Face checkpoint)")
+    raw = _read_json(model_dir / "config.json", required=True)
+    generation = _read_json(model_dir / "generation_config.json", required=False)
+    if generation.get("eos_token_id") is not None:
+        merged = _token_ids(raw.get("eos_token_id")) + _token_ids(generation["eos_token_id"])
+        raw = {**raw, "eos_token_id": list(dict.fromkeys(merged))}
+    return Qwen3Config.from_dict(raw)
+
+
+def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"{path} not found: is {path.parent} a Hugging Face checkpoint?")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise ConfigError(f"{path} is not valid JSON: {bad}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def _check_supported(raw: dict[str, Any]) -> None:
+    architectures = raw.get("architectures") or []
+    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        found = ", ".join(architectures) or f"model_type={raw.get('model_type')!r}"
+        raise ConfigError(
+            f"unsupported architecture {found}; "
+            f"qwen3c compiles {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"unsupported hidden_act {raw['hidden_act']!r}; Qwen3 uses 'silu'")
+    if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or []):
+        raise ConfigError("sliding-window attention is not supported; set use_sliding_window false")
+    rope_type = _rope_parameters(raw).get("rope_type", _rope_parameters(raw).get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"unsupported rope scaling type {rope_type!r}; only 'default' RoPE is")
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings: transformers 5 nests them in rope_parameters, older files at top level."""
+    nested = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError("config.json: rope_parameters / rope_scaling must be an object")
+    merged = dict(nested)
+    if "rope_theta" in raw:
+        merged.setdefault("rope_theta", raw["rope_theta"])
+    return merged
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)

@@ -1,0 +1,109 @@
+"""Write a small seeded random Qwen3 checkpoint, with a real byte-level BPE tokenizer trained
+here, so the demo and the tests need no download and no model at hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# ChatML, as Qwen3 uses it; an empty think block switches thinking off.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+def train_tokenizer(vocab_size: int = 600) -> Tokenizer:
+    """Byte-level BPE trained on qwen3c's own source files (always present, deterministic)."""
+    package = Path(__file__).resolve().parent.parent
+    sources = [*package.glob("*.py"),
+               *(f for sub in ("compile", "runtime", "targets", "schedules")
+                 for f in (package / sub).glob("*.py"))]
+    corpus = sorted(str(p) for p in sources)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train(corpus, trainer)
+    return tokenizer
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1),
+                                                   encoding="utf-8")
+
+
+def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, std: float = 0.1,
+                          **overrides: Any) -> Path:
+    """A random Qwen3ForCausalLM checkpoint in HF layout (config, safetensors, tokenizer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    write_tokenizer(tokenizer, out_dir)
+    config = {**TINY_CONFIG, "vocab_size": tokenizer.get_vocab_size(), **overrides,
+              "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+              "eos_token_id": tokenizer.token_to_id("<|im_end|>"), "torch_dtype": "float32"}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_file(_random_weights(config, np.random.default_rng(seed), std),
+              str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def _random_weights(config: dict[str, Any], rng: np.random.Generator,
+                    std: float) -> dict[str, np.ndarray]:
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, d = (config["num_attention_heads"], config["num_key_value_heads"],
+                          config["head_dim"])
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, std, shape).astype(np.float32)
+
+    def norm_weight(size: int) -> np.ndarray:
+        return (1.0 + rng.normal(0.0, std, size)).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden),
+               "model.norm.weight": norm_weight(hidden)}
+    if not config["tie_word_embeddings"]:
+        weights["lm_head.weight"] = normal(config["vocab_size"], hidden)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": norm_weight(hidden),
+            p + "post_attention_layernorm.weight": norm_weight(hidden),
+            p + "self_attn.q_proj.weight": normal(heads * d, hidden),
+            p + "self_attn.k_proj.weight": normal(kv_heads * d, hidden),
+            p + "self_attn.v_proj.weight": normal(kv_heads * d, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, heads * d),
+            p + "self_attn.q_norm.weight": norm_weight(d),
+            p + "self_attn.k_norm.weight": norm_weight(d),
+            p + "mlp.gate_proj.weight": normal(inter, hidden),
+            p + "mlp.up_proj.weight": normal(inter, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, inter),
+        }
+    return weights

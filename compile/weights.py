@@ -1,0 +1,165 @@
+"""Where each weight comes from: HF checkpoint tensors → our parameters → artifact shards.
+
+The declarative mapping (``FUSED``) is the one place that says how HF's separate projections
+become our fused ones; everything else is a 1:1 rename-free copy with a dtype conversion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from qwen3c.errors import CheckpointError
+
+# Our fused module → the HF modules whose weights are concatenated (output axis) to make it.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+# HF tensors that carry no information for us (a tied head repeats the embedding table).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TIED_HEAD = "lm_head.weight"
+
+NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+def hf_sources(param_name: str) -> tuple[str, ...]:
+    """The HF tensor names that make up one of our parameters, in concatenation order."""
+    module, _, leaf = param_name.rpartition(".")
+    for fused, parts in FUSED.items():
+        if module.endswith(fused):
+            prefix = module[: -len(fused)]
+            return tuple(f"{prefix}{part}.{leaf}" for part in parts)
+    return (param_name,)
+
+
+class Checkpoint:
+    """Read-only view of a checkpoint's safetensors files (single file or sharded with index)."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.files = self._weight_files(model_dir)
+        self._stack = ExitStack()
+        self._handles = {}
+        self.location: dict[str, Path] = {}
+        for file in self.files:
+            handle = self._open(file)
+            self._handles[file] = handle
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                self.location[key] = file
+
+    @staticmethod
+    def _weight_files(model_dir: Path) -> list[Path]:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as bad:
+                raise CheckpointError(f"{index} is malformed: {bad}") from None
+            files = sorted({model_dir / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names missing weight files: {', '.join(missing)}")
+            return files
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors weight files in {model_dir}")
+        return files
+
+    def _open(self, file: Path):
+        try:
+            return self._stack.enter_context(safe_open(str(file), framework="numpy"))
+        except (SafetensorError, OSError, ValueError) as bad:
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {bad}"
+            ) from None
+
+    def keys(self) -> set[str]:
+        return set(self.location)
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self.location:
+            raise CheckpointError(f"weight {name!r} is missing from the checkpoint in "
+                                  f"{self.model_dir}")
+        file = self.location[name]
+        try:
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as bad:
+            raise CheckpointError(f"cannot read {name!r} from {file} (truncated or corrupt?): "
+                                  f"{bad}") from None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_coverage(checkpoint: Checkpoint, param_names: list[str]) -> None:
+    """Every tensor we need is present and every tensor present is used: else the checkpoint is
+    not the model the config describes."""
+    needed = {src for name in param_names for src in hf_sources(name)}
+    present = checkpoint.keys()
+    missing = sorted(needed - present)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} weights the config needs, "
+                              f"e.g. {', '.join(missing[:3])}")
+    unused = sorted(name for name in present - needed
+                    if name != TIED_HEAD and not name.endswith(IGNORED_SUFFIXES))
+    if unused:
+        raise CheckpointError(f"checkpoint has {len(unused)} weights this architecture does not "
+                              f"use, e.g. {', '.join(unused[:3])}: does config.json match?")
+
+
+def converted_params(checkpoint: Checkpoint, params: list[tuple[str, tuple[int, ...]]],
+                     dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield each of our parameters, concatenated from its HF sources and cast to ``dtype``."""
+    target = NUMPY_DTYPES[dtype]
+    for name, shape in tqdm(params, desc="converting weights", unit="tensor", leave=False):
+        parts = [checkpoint.tensor(src) for src in hf_sources(name)]
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(f"weight {name!r} has shape {tuple(array.shape)} in the "
+                                  f"checkpoint, but config.json implies {tuple(shape)}")
+        if array.dtype != target:
+            array = array.astype(np.float32).astype(target)
+        yield name, np.ascontiguousarray(array)
+
+
+def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
+                 shard_bytes: int = 2 << 30) -> list[str]:
+    """Write tensors into ``weights-NNNNN.safetensors`` files of about ``shard_bytes`` each."""
+    names: list[str] = []
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"weights-{len(names) + 1:05d}.safetensors"
+        save_file(shard, str(out_dir / name))
+        names.append(name)
+        shard, size = {}, 0
+
+    for name, array in tensors:
+        if shard and size + array.nbytes > shard_bytes:
+            flush()
+        shard[name] = array
+        size += array.nbytes
+    if shard:
+        flush()
+    return names

@@ -1,0 +1,49 @@
+"""Hugging Face transformers as the numerical reference (needs the ``test`` extra).
+
+Used by ``qwen3c demo`` and the test suite; the compiled runtime never imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qwen3c.errors import Qwen3cError
+
+
+def _transformers():
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise Qwen3cError("the HF comparison needs torch and transformers: "
+                          "pip install 'qwen3c[test]'") from None
+    transformers.utils.logging.disable_progress_bar()
+    return torch, transformers
+
+
+class HFReference:
+    """An HF model loaded from a local checkpoint (never the hub), in a chosen dtype."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32"):
+        torch, transformers = _transformers()
+        self._torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype), local_files_only=True).eval()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self.model(self._torch.tensor([ids], dtype=self._torch.long))
+        return out.logits[0].float().numpy()
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation without any stop token."""
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids], dtype=torch.long),
+                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=max_new_tokens,
+                                      min_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids):].tolist()

@@ -1,0 +1,130 @@
+"""The compiled artifact on disk: a directory with model.so, manifest.json, weights, tokenizer.
+
+The manifest makes the artifact self-describing and lets loading refuse, with a reason, anything
+that would crash or silently compute garbage: another TVM, another target, edited weight files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from qwen3c.errors import ArtifactError, Qwen3cError
+from qwen3c.targets import TargetChoice, get_target
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    qwen3c_version: str
+    tvm_version: str
+    architecture: str
+    model: dict[str, Any]
+    target: TargetChoice
+    dtype: str
+    context_length: int
+    prefill_chunk_size: int
+    entry_points: dict[str, dict[str, Any]]
+    params: tuple[ParamInfo, ...]
+    weight_files: dict[str, str]  # file name -> sha256
+    tokenizer_files: tuple[str, ...]
+    library_sha256: str
+    compile_seconds: float
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifact format {raw.get('format_version')} is not the supported "
+                f"{FORMAT_VERSION}; recompile it with this qwen3c")
+        raw["target"] = TargetChoice(**raw["target"])
+        raw["params"] = tuple(ParamInfo(p["name"], tuple(p["shape"]), p["dtype"])
+                              for p in raw["params"])
+        raw["tokenizer_files"] = tuple(raw["tokenizer_files"])
+        return cls(**raw)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_dir(path: str | Path) -> Path:
+    """Accept either the artifact directory or the model.so inside it."""
+    path = Path(path)
+    directory = path.parent if path.suffix == ".so" else path
+    if not (directory / MANIFEST).is_file():
+        raise ArtifactError(f"{path} is not a qwen3c artifact: {directory / MANIFEST} not found")
+    return directory
+
+
+def read_manifest(path: str | Path) -> tuple[Path, Manifest]:
+    directory = artifact_dir(path)
+    try:
+        manifest = Manifest.from_json((directory / MANIFEST).read_text(encoding="utf-8"))
+    except Qwen3cError:
+        raise
+    except (ValueError, KeyError, TypeError) as bad:
+        raise ArtifactError(f"{directory / MANIFEST} is malformed: {bad}") from None
+    return directory, manifest
+
+
+def verify_artifact(directory: Path, manifest: Manifest) -> None:
+    """Refuse an artifact this host cannot run correctly: TVM, target, or files differ."""
+    if manifest.tvm_version != tvm.__version__:
+        raise ArtifactError(
+            f"artifact was built with TVM {manifest.tvm_version}, this is TVM {tvm.__version__}; "
+            "recompile it")
+    try:
+        get_target(manifest.target.name).check_runnable(manifest.target)
+    except Qwen3cError as err:
+        raise ArtifactError(str(err)) from None
+    expected = {LIBRARY: manifest.library_sha256, **manifest.weight_files}
+    for name, digest in expected.items():
+        file = directory / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {file} is missing")
+        if sha256_file(file) != digest:
+            raise ArtifactError(
+                f"{file} does not match the sha256 in the manifest: it was changed after "
+                "compilation; recompile the artifact")
+
+
+def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device) -> list:
+    """The weights as device tensors, in the order the compiled functions take them."""
+    from safetensors.numpy import load_file
+
+    arrays: dict = {}
+    for name in manifest.weight_files:
+        arrays.update(load_file(str(directory / name)))
+    tensors = []
+    for param in manifest.params:
+        array = arrays.get(param.name)
+        if array is None or tuple(array.shape) != param.shape or str(array.dtype) != param.dtype:
+            raise ArtifactError(f"weight {param.name!r} in {directory} does not match the "
+                                "manifest; recompile the artifact")
+        tensors.append(tvm.runtime.tensor(array, device))
+    return tensors

@@ -1,0 +1,72 @@
+"""Drives TVM's PagedKVCache runtime object: sequences, forward brackets, page accounting.
+
+TVM aborts a forward whose pages run out and leaves the cache unusable afterwards, so every
+forward is checked against the free pages first and refused with a ``RequestError`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import tvm
+from tvm.runtime import ShapeTuple
+
+from qwen3c.errors import RequestError
+
+_add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+_remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+_begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+_end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+_available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+
+
+class PagedKVCache:
+    def __init__(self, vm: tvm.relax.VirtualMachine, *, max_batch_size: int,
+                 capacity_tokens: int, prefill_chunk_size: int, page_size: int = 16):
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_size = prefill_chunk_size
+        self.page_size = page_size
+        self.handle = vm["create_paged_kv_cache"](
+            ShapeTuple([max_batch_size]), ShapeTuple([capacity_tokens]),
+            ShapeTuple([prefill_chunk_size]), ShapeTuple([page_size]), ShapeTuple([0]))
+        self.lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    def free_pages(self) -> int:
+        return int(_available_pages(self.handle))
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def add_sequence(self) -> int:
+        if len(self.lengths) >= self.max_batch_size:
+            raise RequestError(f"the KV cache holds at most {self.max_batch_size} sequences")
+        seq_id = self._next_id
+        self._next_id += 1
+        _add_sequence(self.handle, seq_id)
+        self.lengths[seq_id] = 0
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        _remove_sequence(self.handle, seq_id)
+        del self.lengths[seq_id]
+
+    @contextmanager
+    def forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> Iterator[None]:
+        """Bracket one model call that appends ``lengths[i]`` tokens to sequence ``seq_ids[i]``."""
+        needed = sum(self.pages_for(self.lengths[s] + n) - self.pages_for(self.lengths[s])
+                     for s, n in zip(seq_ids, lengths, strict=True))
+        if needed > self.free_pages():
+            raise RequestError(
+                f"the KV cache is full: this step needs {needed} more pages of {self.page_size} "
+                f"tokens, {self.free_pages()} are free; use fewer or shorter requests, or load "
+                "the model with a larger kv_cache_tokens")
+        _begin_forward(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+        try:
+            yield
+        finally:
+            _end_forward(self.handle)
+        for seq_id, n in zip(seq_ids, lengths, strict=True):
+            self.lengths[seq_id] += n

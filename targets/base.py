@@ -1,0 +1,63 @@
+"""The one interface every compilation target implements.
+
+Nothing outside ``qwen3c.targets`` looks at a target's name: compile and runtime ask the target
+object for its TVM target, its pipeline, how to export, and where to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A named step of the compilation pipeline: a list of passes with a one-line purpose."""
+
+    name: str
+    purpose: str
+    passes: list[tvm.transform.Pass]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetChoice:
+    """What the user asked for, resolved to concrete values; recorded in the manifest."""
+
+    name: str
+    arch: str
+    cpu: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Target(ABC):
+    """A compilation target: how to build for it, and whether this host can run the result."""
+
+    name: str
+    description: str
+    verified: str  # what has actually been executed for this target, in plain words
+
+    @abstractmethod
+    def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
+        """Fill in defaults (the host's arch and CPU) and reject unknown values."""
+
+    @abstractmethod
+    def tvm_target(self, choice: TargetChoice) -> tvm.target.Target: ...
+
+    @abstractmethod
+    def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]: ...
+
+    @abstractmethod
+    def export(self, executable: tvm.runtime.Executable, path: Path) -> None: ...
+
+    @abstractmethod
+    def device(self) -> tvm.runtime.Device: ...
+
+    @abstractmethod
+    def check_runnable(self, choice: TargetChoice) -> None:
+        """Raise ``TargetError`` when an artifact built for ``choice`` cannot run on this host."""
