@@ -50,13 +50,14 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     with tvm_target:
         model = Qwen3ForCausalLM(config, dtype)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
-    params = [(name, tuple(int(d) for d in p.shape)) for name, p in named_params]
+    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype))
+              for name, p in named_params]
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
-        check_coverage(checkpoint, [name for name, _ in params])
+        check_coverage(checkpoint, [p.name for p in params])
         _prepare_output(output)
-        weight_names = write_shards(converted_params(checkpoint, params, dtype), output)
+        weight_names = write_shards(converted_params(checkpoint, params), output)
 
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
                        Path(dump_ir) if dump_ir else None)
@@ -76,7 +77,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         context_length=context_length,
         prefill_chunk_size=prefill_chunk_size,
         entry_points=entry_points,
-        params=tuple(ParamInfo(name, shape, dtype) for name, shape in params),
+        params=tuple(params),
         weight_files={name: sha256_file(output / name) for name in weight_names},
         tokenizer_files=tuple(tokenizer_files),
         library_sha256=sha256_file(output / LIBRARY),

@@ -60,7 +60,7 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, qkv_heads * self.head_dim,
                                bias=config.attention_bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size,
-                             bias=False, dtype=dtype)
+                             bias=config.attention_bias, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
 

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from qwen3c.errors import CheckpointError
+from qwen3c.runtime.artifact import ParamInfo
 
 # Our fused module → the HF modules whose weights are concatenated (output axis) to make it.
 FUSED = {
@@ -126,19 +127,19 @@ def check_coverage(checkpoint: Checkpoint, param_names: list[str]) -> None:
                               f"use, e.g. {', '.join(unused[:3])}: does config.json match?")
 
 
-def converted_params(checkpoint: Checkpoint, params: list[tuple[str, tuple[int, ...]]],
-                     dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield each of our parameters, concatenated from its HF sources and cast to ``dtype``."""
-    target = NUMPY_DTYPES[dtype]
-    for name, shape in tqdm(params, desc="converting weights", unit="tensor", leave=False):
-        parts = [checkpoint.tensor(src) for src in hf_sources(name)]
+def converted_params(checkpoint: Checkpoint,
+                     params: list[ParamInfo]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield each of our parameters, concatenated from its HF sources, in its own dtype."""
+    for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
+        parts = [checkpoint.tensor(src) for src in hf_sources(param.name)]
         array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        if tuple(array.shape) != tuple(shape):
-            raise CheckpointError(f"weight {name!r} has shape {tuple(array.shape)} in the "
-                                  f"checkpoint, but config.json implies {tuple(shape)}")
+        if tuple(array.shape) != param.shape:
+            raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
+                                  f"checkpoint, but config.json implies {param.shape}")
+        target = NUMPY_DTYPES[param.dtype]
         if array.dtype != target:
             array = array.astype(np.float32).astype(target)
-        yield name, np.ascontiguousarray(array)
+        yield param.name, np.ascontiguousarray(array)
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,

@@ -49,7 +49,8 @@ class Sampler:
         probs = np.exp(scaled - scaled[0])
         probs /= probs.sum()
         if self.params.top_p < 1:
-            # Keep the smallest head whose mass reaches top_p (at least one token).
-            keep = int(np.searchsorted(np.cumsum(probs), self.params.top_p)) + 1
+            # Keep the smallest head whose mass reaches top_p: each token whose predecessors'
+            # mass is still below it (always the first).
+            keep = int(np.count_nonzero(np.cumsum(probs) - probs < self.params.top_p))
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return order, probs

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny seeded random Qwen3 checkpoints built with HF transformers, and their
+compiled artifacts (compiled once per session and configuration)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import qwen3c
+from qwen3c.compile.tiny_checkpoint import train_tokenizer, write_tokenizer
+
+# Small but not degenerate: several heads per kv head, head_dim != hidden / heads, two layers.
+BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+                   tie_word_embeddings=True, initializer_range=0.1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(train_tokenizer(), directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tokenizer_files):
+    """make_checkpoint(name, **config overrides) -> a HF checkpoint directory (cached by name)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str, *, seed: int = 0, max_shard_size: str | None = None,
+             **overrides) -> Path:
+        if name not in made:
+            directory = tmp_path_factory.mktemp(f"hf-{name}")
+            config = Qwen3Config(**{**BASE_CONFIG, "vocab_size": 600, **overrides})
+            torch.manual_seed(seed)
+            model = Qwen3ForCausalLM(config).eval()
+            kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+            model.save_pretrained(directory, **kwargs)
+            for file in tokenizer_files.iterdir():
+                shutil.copy2(file, directory / file.name)
+            made[name] = directory
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_artifact(tmp_path_factory):
+    """make_artifact(checkpoint, dtype=..., **compile options) -> artifact dir (cached)."""
+    made: dict[tuple, Path] = {}
+
+    def make(checkpoint: Path, dtype: str = "float32", **options) -> Path:
+        key = (checkpoint, dtype, tuple(sorted(options.items())))
+        if key not in made:
+            output = tmp_path_factory.mktemp(f"artifact-{checkpoint.name}-{dtype}")
+            made[key] = qwen3c.compile_model(checkpoint, target="llvm", dtype=dtype,
+                                             output=output, **options)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_artifact, tiny_checkpoint) -> qwen3c.runtime.Model:
+    return qwen3c.load(make_artifact(tiny_checkpoint))
