@@ -1,0 +1,67 @@
+"""The user's commands end to end: compile, inspect, run (plain and --chat), demo."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+import qwen3c
+from qwen3c.cli import main
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_compile_inspect_run(tiny_checkpoint, tmp_path):
+    out = tmp_path / "artifact"
+    compiled = invoke("compile", tiny_checkpoint, "--target", "llvm", "--dtype", "float32",
+                      "-o", out, "--dump-ir", tmp_path / "ir")
+    assert "model.so" in compiled.output
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir())[-1] == "05-finalize.py"
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "llvm" and manifest["dtype"] == "float32"
+    assert {"prefill", "decode", "create_paged_kv_cache"} <= set(manifest["entry_points"])
+    assert all(len(digest) == 64 for digest in manifest["weight_files"].values())
+
+    shown = invoke("inspect", out / "model.so").output
+    assert "Qwen3ForCausalLM" in shown and "prefill(" in shown and "float32" in shown
+
+    ran = invoke("run", out / "model.so", "--prompt", "def run(", "--max-new-tokens", "6")
+    model = qwen3c.load(out)
+    expected = model.generate("def run(", max_new_tokens=6)
+    assert ran.stdout.splitlines()[0] == expected.text
+    assert "decode" in ran.stderr
+
+
+def test_chat_template_matches_transformers(tiny_checkpoint, tiny_model):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is TVM?"}]
+    hf = AutoTokenizer.from_pretrained(str(tiny_checkpoint), local_files_only=True)
+    for thinking in (True, False):
+        ours = tiny_model.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+        theirs = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                        enable_thinking=thinking)
+        assert ours == theirs
+        assert tiny_model.tokenizer.encode(ours) == hf(ours)["input_ids"]
+
+
+def test_run_chat(make_artifact, tiny_checkpoint):
+    artifact = make_artifact(tiny_checkpoint)
+    ran = invoke("run", artifact, "--chat", "--prompt", "hello", "--max-new-tokens", "4",
+                 "--temperature", "0.7", "--seed", "1")
+    model = qwen3c.load(artifact)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}],
+                                                 enable_thinking=False)
+    expected = model.generate(prompt, max_new_tokens=4, temperature=0.7, seed=1)
+    assert ran.stdout.splitlines()[0] == expected.text
+
+
+def test_demo(tmp_path):
+    shown = invoke("demo", "--workdir", tmp_path).output
+    assert "greedy tokens identical" in shown
