@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 
 from qwen3c.errors import TargetError
+from qwen3c.schedules import schedule_cpu_matmuls
 from qwen3c.targets.base import Phase, Target, TargetChoice
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu"}
@@ -69,6 +70,9 @@ class LlvmTarget(Target):
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
+            ]),
+            Phase("schedule", "parallel, vectorised projections (qwen3c.schedules)", [
+                schedule_cpu_matmuls,
             ]),
             Phase("lower", "leave dataflow form and rewrite calls into destination passing", [
                 relax.transform.RewriteDataflowReshape(),

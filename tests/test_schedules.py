@@ -1,0 +1,68 @@
+"""Our CPU schedules against numpy, on shapes that do not divide the tiles."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+
+from qwen3c.compile.model import Linear
+from qwen3c.compile.pipeline import run_pipeline
+from qwen3c.schedules import schedule_nt_matmul
+from qwen3c.targets import get_target
+
+
+class ProjectionWithResidual(nn.Module):
+    def __init__(self, k: int, n: int, dtype: str):
+        self.proj = Linear(k, n, bias=False, dtype=dtype)
+
+    def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
+        return residual + self.proj(x)
+
+
+def build(k: int, n: int, dtype: str):
+    module = ProjectionWithResidual(k, n, dtype)
+    spec = {"forward": {"x": nn.spec.Tensor(["m", k], dtype),
+                        "residual": nn.spec.Tensor(["m", n], dtype),
+                        "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    mod = module.export_tvm(spec=spec)[0]
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    mod = run_pipeline(mod, backend.pipeline(target), target)
+    return mod, relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None),
+                                     tvm.cpu())
+
+
+def has_parallel_loop(func: tirx.PrimFunc) -> bool:
+    return "T.parallel(" in func.script()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_projection_schedule_matches_numpy(dtype, tolerance):
+    k, n = 50, 37  # n is not a multiple of the 16-row block
+    mod, vm = build(k, n, dtype)
+    scheduled = [f for f in mod.functions.values()
+                 if isinstance(f, tirx.PrimFunc) and has_parallel_loop(f)]
+    assert scheduled, "the projection was not scheduled"
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(n, k)).astype(np_dtype)
+    for m in (1, 3, 17):
+        x = rng.normal(size=(m, k)).astype(np_dtype)
+        residual = rng.normal(size=(m, n)).astype(np_dtype)
+        out = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(residual),
+                            [tvm.runtime.tensor(weight)]).numpy().astype(np.float32)
+        expected = (residual.astype(np.float32)
+                    + x.astype(np.float32) @ weight.astype(np.float32).T)
+        np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance * 10)
+
+
+def test_schedule_declines_what_is_not_a_projection():
+    """An elementwise block, even one with the matmul's name, is left alone."""
+    a = te.placeholder((8, 4), name="a")
+    doubled = te.compute((8, 4), lambda i, j: a[i, j] * 2.0, name="NT_matmul")
+    assert schedule_nt_matmul(te.create_prim_func([a, doubled])) is None
