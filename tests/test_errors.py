@@ -37,7 +37,7 @@ def broken_checkpoint(tiny_checkpoint, tmp_path) -> Path:
 
 def test_missing_config(broken_checkpoint, tmp_path):
     (broken_checkpoint / "config.json").unlink()
-    with pytest.raises(qwen3c.ConfigError, match="config.json"):
+    with pytest.raises(qwen3c.ConfigError, match=r"config\.json"):
         qwen3c.compile_model(broken_checkpoint, output=tmp_path / "out")
     assert_one_line_error(run_cli("compile", broken_checkpoint, "-o", tmp_path / "out"),
                           "config.json")
