@@ -72,13 +72,15 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
 def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_tokens: int,
                 temperature: float, top_k: int, top_p: float, seed: int | None,
-                stop: tuple[str, ...]) -> None:
+                stop: tuple[str, ...], threads: int | None) -> None:
     """Generate text from PROMPT with a compiled ARTIFACT (its directory or model.so)."""
     import qwen3c
 
-    model = qwen3c.load(artifact)
+    model = qwen3c.load(artifact, threads=threads)
     if chat:
         if model.tokenizer is None:
             raise qwen3c.RequestError("--chat needs the artifact's tokenizer files")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3c.compile import compile_model
-from qwen3c.compile.tiny_checkpoint import write_tiny_checkpoint
+from qwen3c.compile.random_checkpoint import write_random_checkpoint
 from qwen3c.errors import Qwen3cError
 from qwen3c.runtime import load
 
@@ -21,7 +21,7 @@ def run_demo(workdir: Path, *, dtype: str = "float32", echo: Callable[[str], Non
              new_tokens: int = 24) -> None:
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     shutil.rmtree(checkpoint, ignore_errors=True)
-    write_tiny_checkpoint(checkpoint)
+    write_random_checkpoint(checkpoint)
     echo(f"wrote a tiny random Qwen3 checkpoint to {checkpoint}")
 
     started = time.perf_counter()

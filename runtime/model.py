@@ -61,10 +61,12 @@ class _Sequence:
 
 class Model:
     def __init__(self, directory: Path, manifest: Manifest, *, max_batch_size: int = 8,
-                 kv_cache_tokens: int | None = None):
+                 kv_cache_tokens: int | None = None, threads: int | None = None):
         verify_artifact(directory, manifest)
         self.manifest = manifest
-        device = get_target(manifest.target.name).device()
+        target = get_target(manifest.target.name)
+        target.configure_threads(threads)
+        device = target.device()
         self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(directory / LIBRARY)),
                                             device)
         self._params = load_params(directory, manifest, device)
@@ -238,9 +240,13 @@ class Model:
         return self._vm[entry](*args, self.kv_cache.handle, self._params).numpy()
 
 
-def load(path: str | Path, *, max_batch_size: int = 8,
-         kv_cache_tokens: int | None = None) -> Model:
-    """Load an artifact (its directory or its model.so) after checking it can run here."""
+def load(path: str | Path, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
+         threads: int | None = None) -> Model:
+    """Load an artifact (its directory or its model.so) after checking it can run here.
+
+    ``threads`` (default: TVM_NUM_THREADS, else the physical cores) takes effect only in a
+    process that has not run a TVM kernel yet: TVM's thread pool is sized once.
+    """
     directory, manifest = read_manifest(path)
     return Model(directory, manifest, max_batch_size=max_batch_size,
-                 kv_cache_tokens=kv_cache_tokens)
+                 kv_cache_tokens=kv_cache_tokens, threads=threads)

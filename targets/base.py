@@ -59,5 +59,9 @@ class Target(ABC):
     def device(self) -> tvm.runtime.Device: ...
 
     @abstractmethod
+    def configure_threads(self, threads: int | None) -> None:
+        """Set how many host threads the runtime's kernels use, before the first kernel runs."""
+
+    @abstractmethod
     def check_runnable(self, choice: TargetChoice) -> None:
         """Raise ``TargetError`` when an artifact built for ``choice`` cannot run on this host."""

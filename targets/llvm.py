@@ -27,7 +27,20 @@ def host_cpu() -> str:
 
 
 def physical_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Distinct (package, core) pairs among the CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        cpus = os.sched_getaffinity(0)
+    else:
+        cpus = range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("?", str(cpu)))
+    return max(1, len(cores))
 
 
 class LlvmTarget(Target):
@@ -96,6 +109,16 @@ class LlvmTarget(Target):
 
     def device(self) -> tvm.runtime.Device:
         return tvm.cpu()
+
+    def configure_threads(self, threads: int | None) -> None:
+        """TVM's pool reads TVM_NUM_THREADS once, when it starts; unset, it assumes x86 has
+        hyper-threading and halves the CPU count (one thread on a 2-core machine)."""
+        if threads is not None:
+            if threads < 1:
+                raise TargetError(f"threads must be >= 1, got {threads}")
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if choice.arch != host_arch():

@@ -11,7 +11,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import qwen3c
-from qwen3c.compile.tiny_checkpoint import train_tokenizer, write_tokenizer
+from qwen3c.compile.random_checkpoint import train_tokenizer, write_tokenizer
 
 # Small but not degenerate: several heads per kv head, head_dim != hidden / heads, two layers.
 BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,

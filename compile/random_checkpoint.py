@@ -1,5 +1,5 @@
-"""Write a small seeded random Qwen3 checkpoint, with a real byte-level BPE tokenizer trained
-here, so the demo and the tests need no download and no model at hand."""
+"""Write a seeded random Qwen3 checkpoint in HF layout, with a real byte-level BPE tokenizer
+trained here, so the demo, the tests and the benchmarks need no download and no model at hand."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from qwen3c.compile.weights import NUMPY_DTYPES
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # ChatML, as Qwen3 uses it; an empty think block switches thinking off.
 CHAT_TEMPLATE = (
@@ -20,7 +22,8 @@ CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
     "{% endif %}{% endif %}"
 )
-TINY_CONFIG: dict[str, Any] = {
+# The demo's model: big enough to exercise GQA and several layers, compiled in seconds.
+TINY: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 160,
     "num_hidden_layers": 2,
@@ -31,6 +34,20 @@ TINY_CONFIG: dict[str, Any] = {
     "rope_theta": 10000.0,
     "max_position_embeddings": 512,
     "tie_word_embeddings": True,
+}
+# The shape of Qwen3-0.6B (random weights), the benchmarks' reference model.
+QWEN3_0_6B: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
 }
 
 
@@ -59,33 +76,34 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
                                                    encoding="utf-8")
 
 
-def write_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, std: float = 0.1,
-                          **overrides: Any) -> Path:
-    """A random Qwen3ForCausalLM checkpoint in HF layout (config, safetensors, tokenizer)."""
+def write_random_checkpoint(out_dir: str | Path, shape: dict[str, Any] | None = None, *,
+                            seed: int = 0, std: float = 0.1, dtype: str = "float32") -> Path:
+    """A random Qwen3ForCausalLM checkpoint (config, safetensors, tokenizer) of ``shape``
+    (default ``TINY``); the vocabulary is the trained tokenizer's unless the shape sets one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     write_tokenizer(tokenizer, out_dir)
-    config = {**TINY_CONFIG, "vocab_size": tokenizer.get_vocab_size(), **overrides,
+    config = {"vocab_size": tokenizer.get_vocab_size(), **(shape or TINY),
               "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-              "eos_token_id": tokenizer.token_to_id("<|im_end|>"), "torch_dtype": "float32"}
+              "eos_token_id": tokenizer.token_to_id("<|im_end|>"), "torch_dtype": dtype}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    save_file(_random_weights(config, np.random.default_rng(seed), std),
-              str(out_dir / "model.safetensors"))
+    weights = _random_weights(config, np.random.default_rng(seed), std, NUMPY_DTYPES[dtype])
+    save_file(weights, str(out_dir / "model.safetensors"))
     return out_dir
 
 
-def _random_weights(config: dict[str, Any], rng: np.random.Generator,
-                    std: float) -> dict[str, np.ndarray]:
+def _random_weights(config: dict[str, Any], rng: np.random.Generator, std: float,
+                    dtype: np.dtype) -> dict[str, np.ndarray]:
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads, d = (config["num_attention_heads"], config["num_key_value_heads"],
                           config["head_dim"])
 
     def normal(*shape: int) -> np.ndarray:
-        return rng.normal(0.0, std, shape).astype(np.float32)
+        return (np.float32(std) * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
     def norm_weight(size: int) -> np.ndarray:
-        return (1.0 + rng.normal(0.0, std, size)).astype(np.float32)
+        return (1.0 + std * rng.standard_normal(size, dtype=np.float32)).astype(dtype)
 
     weights = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden),
                "model.norm.weight": norm_weight(hidden)}
