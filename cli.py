@@ -129,6 +129,47 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@main.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt-lengths", default="128", show_default=True,
+              help="Comma-separated prompt lengths for prefill.")
+@click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Median of this many.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+@click.option("--vs-hf", "hf_dir", type=click.Path(path_type=Path), default=None,
+              help="Also time HF transformers eager on this checkpoint, in the same run.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write the results as JSON here.")
+def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
+                  threads: int | None, hf_dir: Path | None, json_path: Path | None) -> None:
+    """Decode and prefill tokens/s of ARTIFACT, optionally beside HF transformers."""
+    import os
+
+    import qwen3c
+    from qwen3c.runtime import bench
+
+    try:
+        lengths = [int(n) for n in prompt_lengths.split(",")]
+    except ValueError:
+        raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
+    model = qwen3c.load(artifact, threads=threads)
+    prompts = bench.random_prompts(model.vocab_size, lengths)
+    decode_prompt = bench.random_prompts(model.vocab_size, [32], seed=1)[32]
+    rows = bench.bench_qwen3c(model, prompts, decode_prompt, decode_tokens, runs)
+    threads_used = int(os.environ["TVM_NUM_THREADS"])
+    if hf_dir is not None:
+        rows += bench.bench_hf(hf_dir, model.manifest.dtype, threads_used, prompts,
+                               decode_prompt, decode_tokens, runs)
+    click.echo(f"{artifact}: {model.manifest.dtype}, {threads_used} threads, "
+               f"median of {runs}")
+    click.echo(bench.format_table(rows))
+    if json_path is not None:
+        bench.write_json(json_path, rows, {"artifact": str(artifact), "threads": threads_used,
+                                           "dtype": model.manifest.dtype, "runs": runs,
+                                           "decode_tokens": decode_tokens})
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("artifacts/demo"),
               show_default=True, help="Where the tiny checkpoint and its artifact go.")

@@ -5,6 +5,7 @@ Used by ``qwen3c demo`` and the test suite; the compiled runtime never imports t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,11 @@ def _transformers():
 class HFReference:
     """An HF model loaded from a local checkpoint (never the hub), in a chosen dtype."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32"):
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", threads: int | None = None):
         torch, transformers = _transformers()
         self._torch = torch
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype), local_files_only=True).eval()
 
@@ -45,5 +48,19 @@ class HFReference:
                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
+                                      eos_token_id=None, pad_token_id=0, use_cache=True)
         return out[0, len(ids):].tolist()
+
+    def time_generate(self, ids: list[int], max_new_tokens: int) -> float:
+        """Seconds for a greedy generation of exactly ``max_new_tokens`` tokens."""
+        started = time.perf_counter()
+        self.greedy(ids, max_new_tokens)
+        return time.perf_counter() - started
+
+    def time_prefill(self, ids: list[int]) -> float:
+        """Seconds for one forward over the prompt, keeping only the last logits."""
+        torch = self._torch
+        with torch.inference_mode():
+            started = time.perf_counter()
+            self.model(torch.tensor([ids], dtype=torch.long), use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - started

@@ -62,6 +62,19 @@ def test_run_chat(make_artifact, tiny_checkpoint):
     assert ran.stdout.splitlines()[0] == expected.text
 
 
+def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    shown = invoke("bench", make_artifact(tiny_checkpoint), "--prompt-lengths", "8,16",
+                   "--decode-tokens", "4", "--runs", "1", "--vs-hf", tiny_checkpoint,
+                   "--json", out).output
+    assert "prefill-16" in shown and "qwen3c/hf-eager" in shown
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["engine"], r["metric"]) for r in rows} == {
+        (engine, metric) for engine in ("qwen3c", "hf-eager")
+        for metric in ("decode", "prefill-8", "prefill-16")}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_demo(tmp_path):
     shown = invoke("demo", "--workdir", tmp_path).output
     assert "greedy tokens identical" in shown

@@ -1,0 +1,89 @@
+"""``qwen3c bench``: decode and prefill throughput of an artifact, optionally beside HF eager.
+
+Both engines run in the same process on the same random prompts, one after the other, so
+their ratio is meaningful on a noisy machine; each figure is the median of ``runs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from qwen3c.runtime.model import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    engine: str
+    metric: str  # "decode" or "prefill-<prompt length>"
+    tokens_per_s: float
+
+
+def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
+                 decode_tokens: int, runs: int) -> list[BenchRow]:
+    def decode_rate() -> float:
+        timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings
+        return timings.decode_tokens_per_s
+
+    def prefill_rate(ids: list[int]) -> Callable[[], float]:
+        return lambda: model.generate(ids, max_new_tokens=1).timings.prefill_tokens_per_s
+
+    model.generate(decode_prompt, max_new_tokens=4)  # warm-up: first-call allocations
+    rows = [BenchRow("qwen3c", "decode", _median(decode_rate, runs))]
+    rows += [BenchRow("qwen3c", f"prefill-{n}", _median(prefill_rate(ids), runs))
+             for n, ids in prompts.items()]
+    return rows
+
+
+def bench_hf(model_dir: Path, dtype: str, threads: int, prompts: dict[int, list[int]],
+             decode_prompt: list[int], decode_tokens: int, runs: int) -> list[BenchRow]:
+    from qwen3c.reference import HFReference
+
+    reference = HFReference(model_dir, dtype, threads=threads)
+    reference.time_generate(decode_prompt, 4)  # warm-up
+
+    def decode_rate() -> float:
+        # Generating n tokens minus generating 1 leaves n - 1 decode steps, as llama-bench does.
+        full = reference.time_generate(decode_prompt, decode_tokens)
+        first = reference.time_generate(decode_prompt, 1)
+        return (decode_tokens - 1) / (full - first)
+
+    rows = [BenchRow("hf-eager", "decode", _median(decode_rate, runs))]
+    rows += [BenchRow("hf-eager", f"prefill-{n}",
+                      _median(lambda ids=ids: len(ids) / reference.time_prefill(ids), runs))
+             for n, ids in prompts.items()]
+    return rows
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> dict[int, list[int]]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.integers(0, vocab_size, n).tolist() for n in lengths}
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    engines = list(dict.fromkeys(r.engine for r in rows))
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    rate = {(r.engine, r.metric): r.tokens_per_s for r in rows}
+    header = ["tok/s", *engines] + ([f"{engines[0]}/{e}" for e in engines[1:]])
+    lines = [header]
+    for metric in metrics:
+        values = [rate.get((e, metric)) for e in engines]
+        ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
+        lines.append([metric, *(f"{v:.1f}" if v else "-" for v in values), *ratios])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+                     for line in lines)
+
+
+def write_json(path: Path, rows: list[BenchRow], context: dict[str, object]) -> None:
+    path.write_text(json.dumps({**context, "rows": [dataclasses.asdict(r) for r in rows]},
+                               indent=2) + "\n", encoding="utf-8")
+
+
+def _median(measure: Callable[[], float], runs: int) -> float:
+    return statistics.median(measure() for _ in range(runs))
