@@ -1,0 +1,169 @@
+"""Mixture-of-experts kernels for the CPU: routing, grouping by expert, grouped expert GEMMs.
+
+A MoE layer runs, for n tokens, E experts and top-k routing:
+
+    route     logits[n, E]         -> weights[n, k] (float32), experts[n, k]   softmax, top-k
+    group     experts[n, k]        -> offsets[E + 1], order[n * k]             counting sort
+    gate_up   x[n, H], W1[E, 2I, H] -> act[n * k, I]                            silu(g) * u
+    down      act, W2[E, H, I]     -> out[n, H] (float32)                     weighted scatter-add
+
+Grouped row ``r`` (``offsets[e] <= r < offsets[e + 1]``) serves token ``order[r] // k`` through
+its slot ``order[r] % k``, so each expert's weights are read once per call for all its tokens,
+and experts no token chose are not read at all (decode touches only k experts per layer).
+Within an expert the output features are split in blocks of ``ROWS`` run in parallel: every
+block is owned by one thread, so the scatter-add has no races. All sums are in float32.
+
+TVM's own MoE kernels bind GPU threads only; these are plain loops for LLVM.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+ROWS = 16
+
+
+def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
+    """Softmax over all experts, the k largest (lowest index first on ties, as torch.topk),
+    renormalised to sum to one when ``normalize`` (HF's ``norm_topk_prob``)."""
+    E, K = num_experts, top_k
+
+    @T.prim_func(private=True, s_tir=True)
+    def route(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        logits = T.match_buffer(var_logits, (n, T.int64(E)), "float32")
+        weights = T.match_buffer(var_weights, (n, T.int64(K)), "float32")
+        experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
+        for t in T.parallel(n):
+            with T.sblock("route"):
+                probs = T.sblock_alloc_buffer((E,), "float32")
+                stat = T.sblock_alloc_buffer((2,), "float32")  # running max, then sums
+                best = T.sblock_alloc_buffer((1,), "int32")
+                stat[0] = T.float32(-3.0e38)
+                for e in range(E):
+                    stat[0] = T.max(stat[0], logits[t, e])
+                stat[1] = T.float32(0)
+                for e in range(E):
+                    probs[e] = T.exp(logits[t, e] - stat[0])
+                    stat[1] = stat[1] + probs[e]
+                for e in range(E):
+                    probs[e] = probs[e] / stat[1]
+                stat[1] = T.float32(0)
+                for s in range(K):
+                    best[0] = 0
+                    for e in range(1, E):
+                        if probs[e] > probs[best[0]]:
+                            best[0] = T.int32(e)
+                    weights[t, s] = probs[best[0]]
+                    experts[t, s] = best[0]
+                    stat[1] = stat[1] + probs[best[0]]
+                    probs[best[0]] = T.float32(-1.0)  # taken: below every probability
+                if normalize:
+                    for s in range(K):
+                        weights[t, s] = weights[t, s] / stat[1]
+
+    return route
+
+
+def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
+    """A stable counting sort of the (token, slot) pairs by expert."""
+    E, K = num_experts, top_k
+
+    @T.prim_func(private=True, s_tir=True)
+    def group(var_experts: T.handle, var_offsets: T.handle, var_order: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
+        offsets = T.match_buffer(var_offsets, (T.int64(E + 1),), "int32")
+        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
+        with T.sblock("group"):
+            cursor = T.sblock_alloc_buffer((E,), "int32")
+            for e in range(E + 1):
+                offsets[e] = 0
+            for t, s in T.grid(n, K):
+                offsets[experts[t, s] + 1] = offsets[experts[t, s] + 1] + 1
+            for e in range(E):
+                offsets[e + 1] = offsets[e + 1] + offsets[e]
+                cursor[e] = offsets[e]
+            for t, s in T.grid(n, K):
+                order[cursor[experts[t, s]]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
+                cursor[experts[t, s]] = cursor[experts[t, s]] + 1
+
+    return group
+
+
+def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
+                     dtype: str) -> tirx.PrimFunc:
+    """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
+    blocks = (I + ROWS - 1) // ROWS
+
+    @T.prim_func(private=True, s_tir=True)
+    def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
+                offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle, var_act: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, T.int64(H)), dtype)
+        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
+        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
+        for e in range(E):
+            if offsets[e + 1] > offsets[e]:
+                for block in T.parallel(blocks):
+                    with T.sblock("gate_up"):
+                        acc = T.sblock_alloc_buffer((2,), "float32")
+                        for r, i in T.grid(offsets[e + 1] - offsets[e], ROWS):
+                            if block * ROWS + i < I:
+                                acc[0] = T.float32(0)
+                                acc[1] = T.float32(0)
+                                for h in range(H):
+                                    acc[0] = acc[0] + T.Cast(
+                                        "float32", x[order[offsets[e] + r] // K, h]) * T.Cast(
+                                        "float32", weight[e, block * ROWS + i, h])
+                                    acc[1] = acc[1] + T.Cast(
+                                        "float32", x[order[offsets[e] + r] // K, h]) * T.Cast(
+                                        "float32", weight[e, I + block * ROWS + i, h])
+                                act[offsets[e] + r, block * ROWS + i] = T.Cast(
+                                    dtype, acc[0] / (T.float32(1) + T.exp(-acc[0])) * acc[1])
+
+    return gate_up
+
+
+def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
+                     dtype: str) -> tirx.PrimFunc:
+    """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
+    blocks = (H + ROWS - 1) // ROWS
+
+    @T.prim_func(private=True, s_tir=True)
+    def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),
+             offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle,
+             var_routing: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
+        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
+        routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
+        out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
+        for t in T.parallel(n):
+            for h in range(H):
+                out[t, h] = T.float32(0)
+        for e in range(E):
+            if offsets[e + 1] > offsets[e]:
+                for block in T.parallel(blocks):
+                    with T.sblock("down"):
+                        acc = T.sblock_alloc_buffer((1,), "float32")
+                        for r, j in T.grid(offsets[e + 1] - offsets[e], ROWS):
+                            if block * ROWS + j < H:
+                                acc[0] = T.float32(0)
+                                for i in range(I):
+                                    acc[0] = acc[0] + T.Cast(
+                                        "float32", act[offsets[e] + r, i]) * T.Cast(
+                                        "float32", weight[e, block * ROWS + j, i])
+                                out[order[offsets[e] + r] // K, block * ROWS + j] = (
+                                    out[order[offsets[e] + r] // K, block * ROWS + j]
+                                    + routing[order[offsets[e] + r] // K,
+                                              order[offsets[e] + r] % K] * acc[0])
+
+    return down

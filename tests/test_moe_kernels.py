@@ -1,0 +1,97 @@
+"""The MoE kernels in schedules/moe.py against numpy, including degenerate routings."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+
+from qwen3c.schedules import moe
+from qwen3c.targets import get_target
+
+E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
+
+
+def build(normalize: bool, dtype: str):
+    funcs = {
+        "route": moe.moe_route(E, K, normalize),
+        "group": moe.moe_group(E, K),
+        "gate_up": moe.moe_gate_up_silu(E, K, H, I, dtype),
+        "down": moe.moe_down_scatter(E, K, H, I, dtype),
+    }
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    backend = get_target("llvm")
+    return tvm.compile(mod, target=backend.tvm_target(backend.resolve(None, None)))
+
+
+def run(lib, name: str, *arrays: np.ndarray, outputs: list[tuple[tuple[int, ...], str]]):
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype=np.dtype(dt) if dt != "bfloat16"
+                                        else ml_dtypes.bfloat16)) for shape, dt in outputs]
+    lib[name](*[tvm.runtime.tensor(a) for a in arrays], *outs)
+    return [o.numpy() for o in outs]
+
+
+def reference_route(logits: np.ndarray, normalize: bool):
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :K]
+    weights = np.take_along_axis(probs, experts, -1)
+    if normalize:
+        weights /= weights.sum(-1, keepdims=True)
+    return weights, experts
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_softmax_topk(normalize):
+    lib = build(normalize, "float32")
+    logits = np.random.default_rng(0).normal(size=(33, E)).astype(np.float32)
+    logits[5] = 0.0  # all tied: lowest indices win, as torch.topk
+    weights, experts = run(lib, "route", logits, outputs=[((33, K), "float32"),
+                                                           ((33, K), "int32")])
+    ref_weights, ref_experts = reference_route(logits, normalize)
+    np.testing.assert_array_equal(experts, ref_experts)
+    np.testing.assert_array_equal(experts[5], [0, 1, 2])
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-5)
+
+
+def routings(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    spread = np.stack([rng.choice(E, K, replace=False) for _ in range(n)])
+    crowded = np.tile([6, 2, 0], (n, 1))  # every token on the same three experts; 5 idle
+    return {"spread": spread.astype(np.int32), "crowded": crowded.astype(np.int32)}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("routing", ["spread", "crowded"])
+@pytest.mark.parametrize("n", [1, 13])
+def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n):
+    lib = build(True, dtype)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(2)
+    experts = routings(n)[routing]
+    routing_weights = rng.uniform(0.1, 1.0, (n, K)).astype(np.float32)
+    x = rng.normal(size=(n, H)).astype(np_dtype)
+    w_gate_up = (rng.normal(size=(E, 2 * I, H)) * 0.3).astype(np_dtype)
+    w_down = (rng.normal(size=(E, H, I)) * 0.3).astype(np_dtype)
+
+    offsets, order = run(lib, "group", experts,
+                         outputs=[((E + 1,), "int32"), ((n * K,), "int32")])
+    counts = np.bincount(experts.reshape(-1), minlength=E)
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
+    np.testing.assert_array_equal(order, np.argsort(experts.reshape(-1), kind="stable"))
+
+    (act,) = run(lib, "gate_up", x, w_gate_up, offsets, order, outputs=[((n * K, I), dtype)])
+    (out,) = run(lib, "down", act, w_down, offsets, order, routing_weights,
+                 outputs=[((n, H), "float32")])
+
+    xf, w1, w2 = (a.astype(np.float32) for a in (x, w_gate_up, w_down))
+    expected = np.zeros((n, H), np.float32)
+    for t in range(n):
+        for s in range(K):
+            e = experts[t, s]
+            gate, up = w1[e, :I] @ xf[t], w1[e, I:] @ xf[t]
+            hidden = (gate / (1 + np.exp(-gate)) * up).astype(np_dtype).astype(np.float32)
+            expected[t] += routing_weights[t, s] * (w2[e] @ hidden)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out, expected, atol=tolerance * scale, rtol=tolerance)
