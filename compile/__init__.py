@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from qwen3c import __version__
-from qwen3c.compile.config import SUPPORTED_ARCHITECTURES, Qwen3Config, load_config
+from qwen3c.compile.config import Qwen3Config, load_config
 from qwen3c.compile.model import Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
 from qwen3c.compile.weights import (
@@ -55,9 +55,10 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
-        check_coverage(checkpoint, [p.name for p in params])
+        check_coverage(checkpoint, [p.name for p in params], config.num_experts)
         _prepare_output(output)
-        weight_names = write_shards(converted_params(checkpoint, params), output)
+        weight_names = write_shards(converted_params(checkpoint, params, config.num_experts),
+                                    output)
 
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
                        Path(dump_ir) if dump_ir else None)
@@ -70,7 +71,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     manifest = Manifest(
         qwen3c_version=__version__,
         tvm_version=tvm.__version__,
-        architecture=SUPPORTED_ARCHITECTURES[0],
+        architecture=config.architecture,
         model=config.to_dict(),
         target=choice,
         dtype=dtype,
@@ -120,8 +121,7 @@ def _entry_points(mod: tvm.IRModule) -> dict[str, dict[str, object]]:
     """Signatures of the Relax functions the runtime calls, as text, for `inspect`."""
     entries = {}
     for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function) and gvar.name_hint in (
-                "prefill", "decode", "create_paged_kv_cache"):
+        if isinstance(func, relax.Function) and func.attrs and "global_symbol" in func.attrs:
             entries[gvar.name_hint] = {
                 "params": [f"{p.name}: {p.ty}" for p in func.params],
                 "returns": str(func.ret_ty),

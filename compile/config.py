@@ -13,13 +13,15 @@ from typing import Any
 
 from qwen3c.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+DENSE, MOE = "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"
+SUPPORTED_ARCHITECTURES = (DENSE, MOE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-    """The subset of a Qwen3 config.json that determines the computation."""
+    """The subset of a Qwen3 / Qwen3-MoE config.json that determines the computation."""
 
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,14 +35,27 @@ class Qwen3Config:
     attention_bias: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (Qwen3-MoE); num_experts == 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """HF's rule: experts unless listed in mlp_only_layers or off the sparse step."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen3Config:
-        _check_supported(raw)
+        architecture = _check_supported(raw)
         try:
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             config = cls(
+                architecture=architecture,
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(raw["intermediate_size"]),
@@ -54,6 +69,7 @@ class Qwen3Config:
                 attention_bias=bool(raw.get("attention_bias", False)),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
                 eos_token_ids=_token_ids(raw.get("eos_token_id")),
+                **(_moe_fields(raw) if architecture == MOE else {}),
             )
         except KeyError as missing:
             raise ConfigError(f"config.json lacks the required field {missing}") from None
@@ -63,18 +79,24 @@ class Qwen3Config:
         return config
 
     def _check_shapes(self) -> None:
-        positive = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                    if isinstance(getattr(self, f.name), int)
-                    and not isinstance(getattr(self, f.name), bool)}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"config.json: {name} must be positive, got {value}")
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings"]
+        if self.architecture == MOE:
+            sizes += ["num_experts", "moe_intermediate_size", "decoder_sparse_step"]
+        for name in sizes:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: {name} must be positive, "
+                                  f"got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.architecture == MOE and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) "
+                              f"must be in 1..num_experts ({self.num_experts})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,9 +129,26 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
-def _check_supported(raw: dict[str, Any]) -> None:
+def _moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """MoE settings; transformers 5 writes num_local_experts, older files num_experts."""
+    experts = raw.get("num_experts", raw.get("num_local_experts"))
+    if experts is None:
+        raise ConfigError("config.json lacks num_experts (or num_local_experts)")
+    return {
+        "num_experts": int(experts),
+        "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+        "moe_intermediate_size": int(raw["moe_intermediate_size"]),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "decoder_sparse_step": int(raw.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+    }
+
+
+def _check_supported(raw: dict[str, Any]) -> str:
+    """The supported architecture named by the config, or a ConfigError."""
     architectures = raw.get("architectures") or []
-    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+    supported = [arch for arch in architectures if arch in SUPPORTED_ARCHITECTURES]
+    if not supported:
         found = ", ".join(architectures) or f"model_type={raw.get('model_type')!r}"
         raise ConfigError(
             f"unsupported architecture {found}; "
@@ -121,6 +160,7 @@ def _check_supported(raw: dict[str, Any]) -> None:
     rope_type = _rope_parameters(raw).get("rope_type", _rope_parameters(raw).get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"unsupported rope scaling type {rope_type!r}; only 'default' RoPE is")
+    return supported[0]
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,12 @@ Per layer, with x the residual stream (RMSNorm statistics and every matmul sum i
 
 q/k/v and gate/up are fused into one projection each (weights are concatenated at load time, see
 ``weights.py``). Attention runs over TVM's paged KV cache, which applies RoPE and stores k/v.
+
+In Qwen3-MoE the MLP of most layers is a mixture of experts (``Qwen3MoeBlock``):
+
+    p          = softmax(router(norm(h)))                   over all E experts, float32
+    top        = the k largest p, renormalised to sum 1     when norm_topk_prob
+    out        = h + Σ_{e in top} p_e · down_e(silu(gate_e) * up_e)
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from qwen3c.compile.config import Qwen3Config
+from qwen3c.schedules import moe
 
 ACCUMULATE = "float32"
+RouterStats = list[Tensor]  # one [3, E] tensor per MoE layer, gathered while tracing
 
 
 class Linear(nn.Linear):
@@ -87,33 +95,94 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(op.silu(gate) * up)
 
 
-class Qwen3DecoderLayer(nn.Module):
+class Qwen3MoeExperts(nn.Module):
+    """All experts of a layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+
+    Tokens are grouped by expert so each expert's weights are read once per call, and experts
+    that no token chose are not read at all (see ``schedules/moe.py``).
+    """
+
     def __init__(self, config: Qwen3Config, dtype: str):
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.hidden, self.intermediate = config.hidden_size, config.moe_intermediate_size
+        self.dtype = dtype
+        self.gate_up_proj = nn.Parameter(
+            (self.num_experts, 2 * self.intermediate, self.hidden), dtype)
+        self.down_proj = nn.Parameter((self.num_experts, self.hidden, self.intermediate), dtype)
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """x [n, H], routing weights / expert ids [n, k] -> float32 [n, H]."""
+        E, k, H, I = self.num_experts, self.top_k, self.hidden, self.intermediate
+        n = x.shape[0]
+        offsets, order = op.tensor_ir_op(
+            moe.moe_group(E, k), "moe_group", [experts],
+            [Tensor.placeholder((E + 1,), "int32"), Tensor.placeholder((n * k,), "int32")])
+        act = op.tensor_ir_op(
+            moe.moe_gate_up_silu(E, k, H, I, self.dtype), "moe_gate_up_silu",
+            [x, self.gate_up_proj, offsets, order], Tensor.placeholder((n * k, I), self.dtype))
+        return op.tensor_ir_op(
+            moe.moe_down_scatter(E, k, H, I, self.dtype), "moe_down_scatter",
+            [act, self.down_proj, offsets, order, weights],
+            Tensor.placeholder((n, H), ACCUMULATE))
+
+
+class Qwen3MoeBlock(nn.Module):
+    def __init__(self, config: Qwen3Config, dtype: str):
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        # Router logits are rounded to the model dtype before the float32 softmax, as in HF.
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
+        self.experts = Qwen3MoeExperts(config, dtype)
+
+    def forward(self, x: Tensor, router_stats: RouterStats | None = None) -> Tensor:
+        batch, seq_len, hidden = x.shape
+        tokens = op.reshape(x, (batch * seq_len, hidden))
+        n, E, k = tokens.shape[0], self.num_experts, self.top_k
+        logits = self.gate(tokens).astype(ACCUMULATE)
+        weights, experts = op.tensor_ir_op(
+            moe.moe_route(E, k, self.norm_topk_prob), "moe_route", [logits],
+            [Tensor.placeholder((n, k), ACCUMULATE), Tensor.placeholder((n, k), "int32")])
+        if router_stats is not None:
+            router_stats.append(op.tensor_ir_op(
+                moe.moe_router_stats(E, k), "moe_router_stats", [logits, weights, experts],
+                Tensor.placeholder((3, E), ACCUMULATE)))
+        out = self.experts(tokens, weights, experts).astype(x.dtype)
+        return op.reshape(out, (batch, seq_len, hidden))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, dtype: str, layer_id: int):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Qwen3Attention(config, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = Qwen3MLP(config, dtype)
+        self.is_moe = config.is_moe_layer(layer_id)
+        self.mlp = Qwen3MoeBlock(config, dtype) if self.is_moe else Qwen3MLP(config, dtype)
 
-    def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int,
+                router_stats: RouterStats | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        return x + (self.mlp(normed, router_stats) if self.is_moe else self.mlp(normed))
 
 
 class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config, dtype: str):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            [Qwen3DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+            [Qwen3DecoderLayer(config, dtype, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: PagedKVCache,
+                router_stats: RouterStats | None = None) -> Tensor:
         for layer_id, layer in enumerate(self.layers):
-            x = layer(x, kv_cache, layer_id)
+            x = layer(x, kv_cache, layer_id, router_stats)
         return self.norm(x)
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """The compiled entry points: ragged batched prefill, batched decode, KV cache creation."""
+    """The compiled entry points: ragged batched prefill, batched decode, KV cache creation;
+    for MoE models also ``*_router_stats`` variants that return per-layer routing counts, so
+    the plain entry points pay nothing for statistics."""
 
     def __init__(self, config: Qwen3Config, dtype: str):
         self.config = config
@@ -130,22 +199,35 @@ class Qwen3ForCausalLM(nn.Module):
             return op.matmul(hidden, table, out_dtype=ACCUMULATE)
         return self.lm_head(hidden)
 
-    def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache):
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache,
+                router_stats: RouterStats | None = None):
         """Append the concatenated prompts of every sequence in the batch to the cache.
 
         ``logit_positions`` picks the rows of the flat token axis that need logits: the last
         token of each sequence for generation, or all of them to score a prompt.
         """
         hidden = op.reshape(self.model.embed_tokens(input_ids), (1, input_ids.shape[0], -1))
-        hidden = self.model(hidden, kv_cache)
+        hidden = self.model(hidden, kv_cache, router_stats)
         hidden = op.take(op.reshape(hidden, (input_ids.shape[0], -1)), logit_positions, axis=0)
         return self.logits(hidden)
 
-    def decode(self, input_ids: Tensor, kv_cache: PagedKVCache):
+    def decode(self, input_ids: Tensor, kv_cache: PagedKVCache,
+               router_stats: RouterStats | None = None):
         """One new token for each of the batch's sequences."""
         hidden = op.reshape(self.model.embed_tokens(input_ids), (input_ids.shape[0], 1, -1))
-        hidden = self.model(hidden, kv_cache)
+        hidden = self.model(hidden, kv_cache, router_stats)
         return self.logits(op.reshape(hidden, (input_ids.shape[0], -1)))
+
+    def prefill_router_stats(self, input_ids: Tensor, logit_positions: Tensor,
+                             kv_cache: PagedKVCache):
+        stats: RouterStats = []
+        logits = self.prefill(input_ids, logit_positions, kv_cache, stats)
+        return logits, op.concat([op.reshape(s, (1, *s.shape)) for s in stats], dim=0)
+
+    def decode_router_stats(self, input_ids: Tensor, kv_cache: PagedKVCache):
+        stats: RouterStats = []
+        logits = self.decode(input_ids, kv_cache, stats)
+        return logits, op.concat([op.reshape(s, (1, *s.shape)) for s in stats], dim=0)
 
     def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int,
                               prefill_chunk_size: int, page_size: int,
@@ -180,18 +262,17 @@ class Qwen3ForCausalLM(nn.Module):
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv_cache = nn.spec.Object(object_type=PagedKVCache)
+        prefill = {
+            "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+            "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+            "kv_cache": kv_cache,
+            "$": packed,
+        }
+        decode = {"input_ids": nn.spec.Tensor(["batch_size"], "int32"), "kv_cache": kv_cache,
+                  "$": packed}
         spec = {
-            "prefill": {
-                "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
-                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
-                "kv_cache": kv_cache,
-                "$": packed,
-            },
-            "decode": {
-                "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
-                "kv_cache": kv_cache,
-                "$": packed,
-            },
+            "prefill": prefill,
+            "decode": decode,
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -201,4 +282,6 @@ class Qwen3ForCausalLM(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+        if self.config.num_experts:
+            spec |= {"prefill_router_stats": prefill, "decode_router_stats": decode}
         return nn.spec.ModuleSpec.from_raw(spec, self)

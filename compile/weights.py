@@ -1,11 +1,13 @@
 """Where each weight comes from: HF checkpoint tensors → our parameters → artifact shards.
 
-The declarative mapping (``FUSED``) is the one place that says how HF's separate projections
-become our fused ones; everything else is a 1:1 rename-free copy with a dtype conversion.
+The declarative mappings (``FUSED``, ``STACKED_EXPERTS``) are the one place that says how HF's
+separate projections become our fused ones and how per-expert tensors become one tensor per
+layer; everything else is a 1:1 rename-free copy with a dtype conversion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -25,6 +27,11 @@ FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
+# Our per-layer expert tensors → the HF per-expert modules, stacked over experts ``{e}``.
+STACKED_EXPERTS = {
+    "mlp.experts.gate_up_proj": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+    "mlp.experts.down_proj": ("mlp.experts.{e}.down_proj",),
+}
 # HF tensors that carry no information for us (a tied head repeats the embedding table).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TIED_HEAD = "lm_head.weight"
@@ -36,14 +43,31 @@ NUMPY_DTYPES = {
 }
 
 
-def hf_sources(param_name: str) -> tuple[str, ...]:
-    """The HF tensor names that make up one of our parameters, in concatenation order."""
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """The HF tensors that make one of our parameters: the names in each row are concatenated
+    along the output axis; a stacked parameter has one row per expert, stacked on axis 0."""
+
+    rows: tuple[tuple[str, ...], ...]
+    stacked: bool = False
+
+    def names(self) -> list[str]:
+        return [name for row in self.rows for name in row]
+
+
+def hf_sources(param_name: str, num_experts: int = 0) -> Sources:
+    """Where one of our parameters comes from in an HF checkpoint."""
+    for stacked, parts in STACKED_EXPERTS.items():
+        if param_name.endswith(stacked):
+            prefix = param_name[: -len(stacked)]
+            return Sources(tuple(tuple(f"{prefix}{part.format(e=e)}.weight" for part in parts)
+                                 for e in range(num_experts)), stacked=True)
     module, _, leaf = param_name.rpartition(".")
     for fused, parts in FUSED.items():
         if module.endswith(fused):
             prefix = module[: -len(fused)]
-            return tuple(f"{prefix}{part}.{leaf}" for part in parts)
-    return (param_name,)
+            return Sources((tuple(f"{prefix}{part}.{leaf}" for part in parts),))
+    return Sources(((param_name,),))
 
 
 class Checkpoint:
@@ -111,10 +135,10 @@ class Checkpoint:
         self.close()
 
 
-def check_coverage(checkpoint: Checkpoint, param_names: list[str]) -> None:
+def check_coverage(checkpoint: Checkpoint, param_names: list[str], num_experts: int) -> None:
     """Every tensor we need is present and every tensor present is used: else the checkpoint is
     not the model the config describes."""
-    needed = {src for name in param_names for src in hf_sources(name)}
+    needed = {src for name in param_names for src in hf_sources(name, num_experts).names()}
     present = checkpoint.keys()
     missing = sorted(needed - present)
     if missing:
@@ -127,19 +151,30 @@ def check_coverage(checkpoint: Checkpoint, param_names: list[str]) -> None:
                               f"use, e.g. {', '.join(unused[:3])}: does config.json match?")
 
 
-def converted_params(checkpoint: Checkpoint,
-                     params: list[ParamInfo]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield each of our parameters, concatenated from its HF sources, in its own dtype."""
+def converted_params(checkpoint: Checkpoint, params: list[ParamInfo],
+                     num_experts: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield each of our parameters, assembled from its HF sources, in its own dtype."""
+
+    def row(names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:
+        parts = [_cast(checkpoint.tensor(name), dtype) for name in names]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
     for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
-        parts = [checkpoint.tensor(src) for src in hf_sources(param.name)]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        sources = hf_sources(param.name, num_experts)
+        try:
+            rows = [row(names, NUMPY_DTYPES[param.dtype]) for names in sources.rows]
+            array = np.stack(rows) if sources.stacked else rows[0]
+        except ValueError as bad:  # parts whose shapes do not line up
+            raise CheckpointError(f"cannot assemble {param.name!r} from "
+                                  f"{', '.join(sources.names()[:3])}: {bad}") from None
         if tuple(array.shape) != param.shape:
             raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
                                   f"checkpoint, but config.json implies {param.shape}")
-        target = NUMPY_DTYPES[param.dtype]
-        if array.dtype != target:
-            array = array.astype(np.float32).astype(target)
         yield param.name, np.ascontiguousarray(array)
+
+
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return array if array.dtype == dtype else array.astype(np.float32).astype(dtype)
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,

@@ -24,9 +24,15 @@ BLOCK_NAME = "NT_matmul"
 
 
 def schedule_nt_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The scheduled function, or ``None`` when ``func`` is not a single NT matmul."""
+    """The scheduled function, or ``None`` when ``func`` is not a single NT matmul (or was
+    scheduled by hand already)."""
+    if func.attrs and func.attrs.get("tirx.is_scheduled"):
+        return None
     sch = s_tir.Schedule(func)
-    blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    try:
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except s_tir.ScheduleError:
+        return None
     matmuls = [b for b in blocks if sch.get(b).name_hint == BLOCK_NAME]
     if len(matmuls) != 1 or blocks[0] != matmuls[0] or not _is_nt_matmul(sch, matmuls[0]):
         return None

@@ -167,3 +167,36 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
                                               order[offsets[e] + r] % K] * acc[0])
 
     return down
+
+
+def moe_router_stats(num_experts: int, top_k: int) -> tirx.PrimFunc:
+    """Per expert: tokens routed to it, their summed routing weight, and the summed softmax
+    probability over all tokens (the P_i of the Switch-Transformer balance loss)."""
+    E, K = num_experts, top_k
+
+    @T.prim_func(private=True, s_tir=True)
+    def router_stats(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle,
+                     stats: T.Buffer((3, E), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        logits = T.match_buffer(var_logits, (n, T.int64(E)), "float32")
+        weights = T.match_buffer(var_weights, (n, T.int64(K)), "float32")
+        experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
+        with T.sblock("router_stats"):
+            stat = T.sblock_alloc_buffer((2,), "float32")  # max, sum of exp
+            for r, e in T.grid(3, E):
+                stats[r, e] = T.float32(0)
+            for t in range(n):
+                for s in range(K):
+                    stats[0, experts[t, s]] = stats[0, experts[t, s]] + T.float32(1)
+                    stats[1, experts[t, s]] = stats[1, experts[t, s]] + weights[t, s]
+                stat[0] = T.float32(-3.0e38)
+                for e in range(E):
+                    stat[0] = T.max(stat[0], logits[t, e])
+                stat[1] = T.float32(0)
+                for e in range(E):
+                    stat[1] = stat[1] + T.exp(logits[t, e] - stat[0])
+                for e in range(E):
+                    stats[2, e] = stats[2, e] + T.exp(logits[t, e] - stat[0]) / stat[1]
+
+    return router_stats
