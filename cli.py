@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -74,13 +75,20 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=None,
               help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+@click.option("--router-stats", is_flag=True, help="MoE: print per-layer routing statistics.")
+@click.option("--router-stats-json", type=click.Path(path_type=Path), default=None,
+              help="MoE: also write the routing statistics as JSON here.")
 def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_tokens: int,
                 temperature: float, top_k: int, top_p: float, seed: int | None,
-                stop: tuple[str, ...], threads: int | None) -> None:
+                stop: tuple[str, ...], threads: int | None, router_stats: bool,
+                router_stats_json: Path | None) -> None:
     """Generate text from PROMPT with a compiled ARTIFACT (its directory or model.so)."""
     import qwen3c
+    from qwen3c.runtime.router_stats import format_router_table
 
     model = qwen3c.load(artifact, threads=threads)
+    if router_stats or router_stats_json:
+        model.enable_router_stats()
     if chat:
         if model.tokenizer is None:
             raise qwen3c.RequestError("--chat needs the artifact's tokenizer files")
@@ -93,6 +101,13 @@ def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_to
     click.echo(f"[{len(result.prompt_ids)} prompt tokens: {t.prefill_tokens_per_s:.1f} tok/s "
                f"prefill; {len(result.token_ids)} new tokens: {t.decode_tokens_per_s:.1f} tok/s "
                f"decode; finish: {result.finish_reason}]", err=True)
+    if router_stats or router_stats_json:
+        layers = model.router_stats()
+        if router_stats:
+            click.echo(format_router_table(layers))
+        if router_stats_json:
+            router_stats_json.write_text(json.dumps([s.to_dict() for s in layers], indent=1),
+                                         encoding="utf-8")
 
 
 @main.command("inspect")
@@ -174,11 +189,12 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("artifacts/demo"),
               show_default=True, help="Where the tiny checkpoint and its artifact go.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-def demo_command(workdir: Path, dtype: str) -> None:
+@click.option("--moe", is_flag=True, help="A tiny Qwen3-MoE instead, with its router table.")
+def demo_command(workdir: Path, dtype: str, moe: bool) -> None:
     """Build a tiny random Qwen3, compile it, generate, and compare with HF transformers."""
     from qwen3c.demo import run_demo
 
-    run_demo(workdir, dtype=dtype, echo=click.echo)
+    run_demo(workdir, dtype=dtype, moe=moe, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,20 @@ from pathlib import Path
 import numpy as np
 
 from qwen3c.compile import compile_model
-from qwen3c.compile.random_checkpoint import write_random_checkpoint
+from qwen3c.compile.random_checkpoint import TINY, TINY_MOE, write_random_checkpoint
 from qwen3c.errors import Qwen3cError
 from qwen3c.runtime import load
+from qwen3c.runtime.router_stats import format_router_table
 
 PROMPT = "def compile_model(model_dir, target):"
 
 
-def run_demo(workdir: Path, *, dtype: str = "float32", echo: Callable[[str], None] = print,
-             new_tokens: int = 24) -> None:
+def run_demo(workdir: Path, *, dtype: str = "float32", moe: bool = False,
+             echo: Callable[[str], None] = print, new_tokens: int = 24) -> None:
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     shutil.rmtree(checkpoint, ignore_errors=True)
-    write_random_checkpoint(checkpoint)
-    echo(f"wrote a tiny random Qwen3 checkpoint to {checkpoint}")
+    write_random_checkpoint(checkpoint, TINY_MOE if moe else TINY)
+    echo(f"wrote a tiny random {'Qwen3-MoE' if moe else 'Qwen3'} checkpoint to {checkpoint}")
 
     started = time.perf_counter()
     compile_model(checkpoint, target="llvm", dtype=dtype, output=artifact)
@@ -30,12 +31,17 @@ def run_demo(workdir: Path, *, dtype: str = "float32", echo: Callable[[str], Non
          f"{artifact / 'model.so'}")
 
     model = load(artifact)
+    if moe:
+        model.enable_router_stats()
     result = model.generate(PROMPT, max_new_tokens=new_tokens)
     t = result.timings
     echo(f"prompt   {PROMPT!r} ({len(result.prompt_ids)} tokens)")
     echo(f"greedy   {result.text!r}")
     echo(f"speed    prefill {t.prefill_tokens_per_s:.0f} tok/s, decode "
          f"{t.decode_tokens_per_s:.0f} tok/s")
+    if moe:
+        echo("router   (cv: spread of tokens over experts; aux: balance loss, top_k if even)")
+        echo(format_router_table(model.router_stats(reset=True)))
 
     try:
         from qwen3c.reference import HFReference

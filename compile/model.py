@@ -282,6 +282,7 @@ class Qwen3ForCausalLM(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
-        if self.config.num_experts:
-            spec |= {"prefill_router_stats": prefill, "decode_router_stats": decode}
+        if self.config.num_experts:  # copies: from_raw consumes the "$" entries
+            spec |= {"prefill_router_stats": {**prefill, "$": packed},
+                     "decode_router_stats": {**decode, "$": packed}}
         return nn.spec.ModuleSpec.from_raw(spec, self)

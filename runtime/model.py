@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import RequestError
 from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params, read_manifest, verify_artifact
 from qwen3c.runtime.kv_cache import PagedKVCache
+from qwen3c.runtime.router_stats import LayerRouting, RouterStatsAccumulator
 from qwen3c.runtime.sampling import Sampler, SamplingParams
 from qwen3c.runtime.tokenizer import Tokenizer
 from qwen3c.targets import get_target
@@ -78,6 +80,8 @@ class Model:
             self._vm, max_batch_size=max_batch_size,
             capacity_tokens=kv_cache_tokens or self.context_length,
             prefill_chunk_size=manifest.prefill_chunk_size)
+        self.config = Qwen3Config(**manifest.model)
+        self._router_stats: RouterStatsAccumulator | None = None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -120,6 +124,28 @@ class Model:
                         for i in range(len(group))]
             results.extend(self._generate_group(group, samplers, max_new_tokens, stops))
         return results
+
+    def enable_router_stats(self, enabled: bool = True) -> None:
+        """Gather MoE routing statistics from now on (off by default: then the compiled entry
+        points without statistics run, and gathering costs nothing)."""
+        if not self.config.num_experts:
+            raise RequestError("router statistics need a Qwen3-MoE model")
+        if not enabled:
+            self._router_stats = None
+        elif self._router_stats is None:
+            moe_layers = [i for i in range(self.config.num_hidden_layers)
+                          if self.config.is_moe_layer(i)]
+            self._router_stats = RouterStatsAccumulator(
+                moe_layers, self.config.num_experts, self.config.num_experts_per_tok)
+
+    def router_stats(self, *, reset: bool = False) -> list[LayerRouting]:
+        """Per MoE layer: tokens per expert, summed routing weights, balance figures."""
+        if self._router_stats is None:
+            raise RequestError("router statistics are off: call enable_router_stats() first")
+        layers = self._router_stats.layers()
+        if reset:
+            self._router_stats.reset()
+        return layers
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -237,7 +263,12 @@ class Model:
         args = [tvm.runtime.tensor(np.asarray(ids, dtype=np.int32))]
         if positions is not None:
             args.append(tvm.runtime.tensor(np.asarray(positions, dtype=np.int32)))
-        return self._vm[entry](*args, self.kv_cache.handle, self._params).numpy()
+        if self._router_stats is None:
+            return self._vm[entry](*args, self.kv_cache.handle, self._params).numpy()
+        logits, stats = self._vm[f"{entry}_router_stats"](*args, self.kv_cache.handle,
+                                                          self._params)
+        self._router_stats.add(stats.numpy())
+        return logits.numpy()
 
 
 def load(path: str | Path, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
