@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import qwen3c
 from qwen3c.compile.random_checkpoint import train_tokenizer, write_tokenizer
@@ -18,6 +18,8 @@ BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
                    tie_word_embeddings=True, initializer_range=0.1)
+MOE_CONFIG = dict(BASE_CONFIG, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=48, norm_topk_prob=True)
 
 
 @pytest.fixture(scope="session")
@@ -29,16 +31,20 @@ def tokenizer_files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tokenizer_files):
-    """make_checkpoint(name, **config overrides) -> a HF checkpoint directory (cached by name)."""
+    """make_checkpoint(name, moe=False, **config overrides) -> a HF checkpoint directory
+    (cached by name)."""
     made: dict[str, Path] = {}
 
-    def make(name: str, *, seed: int = 0, max_shard_size: str | None = None,
+    def make(name: str, *, moe: bool = False, seed: int = 0, max_shard_size: str | None = None,
              **overrides) -> Path:
         if name not in made:
             directory = tmp_path_factory.mktemp(f"hf-{name}")
-            config = Qwen3Config(**{**BASE_CONFIG, "vocab_size": 600, **overrides})
+            config_class, model_class, base = (
+                (Qwen3MoeConfig, Qwen3MoeForCausalLM, MOE_CONFIG) if moe
+                else (Qwen3Config, Qwen3ForCausalLM, BASE_CONFIG))
+            config = config_class(**{**base, "vocab_size": 600, **overrides})
             torch.manual_seed(seed)
-            model = Qwen3ForCausalLM(config).eval()
+            model = model_class(config).eval()
             kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
             model.save_pretrained(directory, **kwargs)
             for file in tokenizer_files.iterdir():

@@ -35,7 +35,7 @@ def test_compile_inspect_run(tiny_checkpoint, tmp_path):
     ran = invoke("run", out / "model.so", "--prompt", "def run(", "--max-new-tokens", "6")
     model = qwen3c.load(out)
     expected = model.generate("def run(", max_new_tokens=6)
-    assert ran.stdout.splitlines()[0] == expected.text
+    assert ran.stdout == expected.text + "\n"
     assert "decode" in ran.stderr
 
 
@@ -59,7 +59,7 @@ def test_run_chat(make_artifact, tiny_checkpoint):
     prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}],
                                                  enable_thinking=False)
     expected = model.generate(prompt, max_new_tokens=4, temperature=0.7, seed=1)
-    assert ran.stdout.splitlines()[0] == expected.text
+    assert ran.stdout == expected.text + "\n"
 
 
 def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path):
@@ -78,3 +78,22 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
 def test_demo(tmp_path):
     shown = invoke("demo", "--workdir", tmp_path).output
     assert "greedy tokens identical" in shown
+
+
+def test_demo_moe_shows_the_router_table(tmp_path):
+    shown = invoke("demo", "--moe", "--workdir", tmp_path).output
+    assert "greedy tokens identical" in shown
+    assert "busiest experts" in shown
+
+
+def test_run_router_stats(make_checkpoint, make_artifact, tmp_path):
+    artifact = make_artifact(make_checkpoint("moe-cli", moe=True))
+    out = tmp_path / "router.json"
+    ran = invoke("run", artifact, "--prompt", "def f(x):", "--max-new-tokens", "4",
+                 "--router-stats", "--router-stats-json", out)
+    assert "busiest experts" in ran.stdout
+    layers = json.loads(out.read_text())
+    assert [entry["layer"] for entry in layers] == [0, 1, 2]
+    prompt_tokens = len(qwen3c.load(artifact).tokenizer.encode("def f(x):"))
+    # every prompt token plus the 3 decoded inputs (the 4th token is sampled, never fed)
+    assert all(sum(e["counts"]) == (prompt_tokens + 3) * 2 for e in layers)

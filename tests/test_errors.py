@@ -55,6 +55,10 @@ def test_wrong_path(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "yarn"),
     ({"use_sliding_window": True, "sliding_window": 64}, "sliding-window"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 8,
+      "moe_intermediate_size": 8}, "num_experts_per_tok"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts_per_tok": 2,
+      "moe_intermediate_size": 8}, "num_experts"),
 ])
 def test_unsupported_config(broken_checkpoint, tmp_path, change, fragment):
     config_file = broken_checkpoint / "config.json"
@@ -70,6 +74,15 @@ def test_truncated_safetensors(broken_checkpoint, tmp_path):
         qwen3c.compile_model(broken_checkpoint, output=tmp_path / "out")
     assert_one_line_error(run_cli("compile", broken_checkpoint, "-o", tmp_path / "out"),
                           "truncated or corrupt")
+
+
+def test_dense_weights_under_a_moe_config(broken_checkpoint, tmp_path):
+    config_file = broken_checkpoint / "config.json"
+    config_file.write_text(json.dumps({
+        **json.loads(config_file.read_text()), "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}))
+    with pytest.raises(qwen3c.CheckpointError, match="lacks"):
+        qwen3c.compile_model(broken_checkpoint, output=tmp_path / "out")
 
 
 def test_checkpoint_that_does_not_match_config(broken_checkpoint, tmp_path):
