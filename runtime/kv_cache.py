@@ -17,6 +17,7 @@ from qwen3c.errors import RequestError
 
 _add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
 _remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+_fork_sequence = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
 _begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
 _end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
 _available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -41,13 +42,25 @@ class PagedKVCache:
         return math.ceil(tokens / self.page_size)
 
     def add_sequence(self) -> int:
-        if len(self.lengths) >= self.max_batch_size:
-            raise RequestError(f"the KV cache holds at most {self.max_batch_size} sequences")
-        seq_id = self._next_id
-        self._next_id += 1
+        seq_id = self._new_id()
         _add_sequence(self.handle, seq_id)
         self.lengths[seq_id] = 0
         return seq_id
+
+    def fork_sequence(self, parent: int, length: int) -> int:
+        """A new sequence sharing the parent's first ``length`` tokens (pages are shared, the
+        partial last page is copied), so they need no prefill."""
+        if not 0 < length <= self.lengths[parent]:
+            raise ValueError(f"cannot fork {length} tokens of a {self.lengths[parent]}-token "
+                             "sequence")
+        seq_id = self._new_id()
+        _fork_sequence(self.handle, parent, seq_id, length)
+        self.lengths[seq_id] = length
+        return seq_id
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     def remove_sequence(self, seq_id: int) -> None:
         _remove_sequence(self.handle, seq_id)
@@ -56,6 +69,8 @@ class PagedKVCache:
     @contextmanager
     def forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> Iterator[None]:
         """Bracket one model call that appends ``lengths[i]`` tokens to sequence ``seq_ids[i]``."""
+        if len(seq_ids) > self.max_batch_size:
+            raise RequestError(f"a forward holds at most {self.max_batch_size} sequences")
         needed = sum(self.pages_for(self.lengths[s] + n) - self.pages_for(self.lengths[s])
                      for s, n in zip(seq_ids, lengths, strict=True))
         if needed > self.free_pages():

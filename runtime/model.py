@@ -16,10 +16,12 @@ from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params, read_manifes
 from qwen3c.runtime.kv_cache import PagedKVCache
 from qwen3c.runtime.router_stats import LayerRouting, RouterStatsAccumulator
 from qwen3c.runtime.sampling import Sampler, SamplingParams
+from qwen3c.runtime.sequence import SequenceState
 from qwen3c.runtime.tokenizer import Tokenizer
 from qwen3c.targets import get_target
 
 Prompt = str | Sequence[int]
+GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +47,6 @@ class GenerationResult:
     text: str | None  # None when the artifact has no tokenizer
     finish_reason: str  # "stop" (stop token or string) or "length"
     timings: Timings
-
-
-@dataclasses.dataclass
-class _Sequence:
-    """One request in flight."""
-
-    seq_id: int
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampler: Sampler
-    prefilled: int = 0
-    generated: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    text: str | None = None
 
 
 class Model:
@@ -87,10 +75,11 @@ class Model:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits ``[len(token_ids), vocab]`` of a fresh sequence at every position."""
-        ids = self._checked_ids(token_ids)
-        seq = _Sequence(self.kv_cache.add_sequence(), ids, 0, Sampler(SamplingParams()))
+        seq = self.new_sequence(self.checked_ids(token_ids), max_new_tokens=0)
+        rows = []
         try:
-            rows = [logits for _, logits in self._prefill([seq], every_position=True)]
+            while seq.prompt_left:
+                rows += [logits for _, logits in self.prefill_step([seq], every_position=True)]
         finally:
             self.kv_cache.remove_sequence(seq.seq_id)
         return np.concatenate(rows, axis=0)
@@ -114,15 +103,16 @@ class Model:
         if max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        prompt_ids = [self._checked_ids(self._encode(p)) for p in prompts]
+        prompt_ids = [self.checked_ids(self.encode(p)) for p in prompts]
+        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=None if seed is None else seed + i)
+                  for i in range(len(prompt_ids))]
         results: list[GenerationResult] = []
         size = self.kv_cache.max_batch_size
         for start in range(0, len(prompt_ids), size):
-            group = prompt_ids[start:start + size]
-            samplers = [Sampler(SamplingParams(temperature, top_k, top_p,
-                                               None if seed is None else seed + start + i))
-                        for i in range(len(group))]
-            results.extend(self._generate_group(group, samplers, max_new_tokens, stops))
+            results.extend(self._generate_group(prompt_ids[start:start + size],
+                                                params[start:start + size], max_new_tokens,
+                                                stops))
         return results
 
     def enable_router_stats(self, enabled: bool = True) -> None:
@@ -149,14 +139,14 @@ class Model:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this artifact has no tokenizer.json; pass token ids")
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def _checked_ids(self, ids: Sequence[int]) -> list[int]:
+    def checked_ids(self, ids: Sequence[int]) -> list[int]:
         ids = list(ids)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -169,95 +159,85 @@ class Model:
                                f"(0..{self.vocab_size - 1})")
         return ids
 
-    def _generate_group(self, prompt_ids: list[list[int]], samplers: list[Sampler],
+    def new_sequence(self, prompt_ids: list[int], *, max_new_tokens: int,
+                     params: SamplingParams = GREEDY, stop: Sequence[str] = (),
+                     logprobs: int | None = None, seq_id: int | None = None) -> SequenceState:
+        """A request's state; ``seq_id`` names a KV-cache sequence made by the caller (e.g. a
+        fork that already holds a prefix), otherwise a fresh one is added."""
+        # The first new token needs no cache slot; each later one needs its predecessor's.
+        budget = min(max_new_tokens, self.context_length - len(prompt_ids) + 1)
+        return SequenceState(
+            seq_id=self.kv_cache.add_sequence() if seq_id is None else seq_id,
+            prompt_ids=prompt_ids, max_new_tokens=budget, sampler=Sampler(params),
+            decode=self.tokenizer.decode if self.tokenizer else None,
+            stop_strings=list(stop), stop_token_ids=self.eos_token_ids, logprobs=logprobs)
+
+    def prefill_step(self, seqs: Sequence[SequenceState], *,
+                     every_position: bool = False) -> list[tuple[SequenceState, np.ndarray]]:
+        """Feed one ragged chunk of up to ``prefill_chunk_size`` prompt tokens, taken from the
+        sequences in order. Returns ``(sequence, logits)`` for every sequence the chunk touched
+        when ``every_position``; otherwise for each sequence whose prompt it completed, with
+        the last row only."""
+        batch, lengths, room = [], [], self.kv_cache.prefill_chunk_size
+        for seq in seqs:
+            if room == 0 or len(batch) == self.kv_cache.max_batch_size:
+                break
+            if seq.prompt_left:
+                batch.append(seq)
+                lengths.append(min(room, seq.prompt_left))
+                room -= lengths[-1]
+        ids, positions, offset = [], [], 0
+        for seq, take in zip(batch, lengths, strict=True):
+            ids.extend(seq.prompt_ids[seq.prefilled:seq.prefilled + take])
+            if every_position:
+                positions.extend(range(offset, offset + take))
+            elif take == seq.prompt_left:
+                positions.append(offset + take - 1)
+            offset += take
+        with self.kv_cache.forward([s.seq_id for s in batch], lengths):
+            # A chunk that completes no sequence still runs, for its KV; row 0 is discarded.
+            logits = self._call("prefill", ids, positions or [0])
+        out, row = [], 0
+        for seq, take in zip(batch, lengths, strict=True):
+            seq.prefilled += take
+            rows = take if every_position else int(seq.prompt_left == 0)
+            if rows:
+                out.append((seq, logits[row:row + rows]))
+            row += rows
+        return out
+
+    def decode_step(self, seqs: Sequence[SequenceState]) -> np.ndarray:
+        """Logits ``[len(seqs), vocab]`` after feeding each sequence its last generated token."""
+        with self.kv_cache.forward([s.seq_id for s in seqs], [1] * len(seqs)):
+            return self._call("decode", [s.generated[-1] for s in seqs])
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _generate_group(self, prompt_ids: list[list[int]], params: list[SamplingParams],
                         max_new_tokens: int, stops: list[str]) -> list[GenerationResult]:
-        seqs: list[_Sequence] = []
+        seqs: list[SequenceState] = []
         try:
-            for ids, sampler in zip(prompt_ids, samplers, strict=True):
-                # The first new token needs no cache slot; each later one needs its predecessor's.
-                budget = min(max_new_tokens, self.context_length - len(ids) + 1)
-                seqs.append(_Sequence(self.kv_cache.add_sequence(), ids, budget, sampler))
+            for ids, sampling in zip(prompt_ids, params, strict=True):
+                seqs.append(self.new_sequence(ids, max_new_tokens=max_new_tokens,
+                                              params=sampling, stop=stops))
             started = time.perf_counter()
-            for seq, logits in self._prefill(seqs, every_position=False):
-                self._accept(seq, seq.sampler(logits[-1]), stops)
+            while any(s.prompt_left for s in seqs):
+                for seq, logits in self.prefill_step(seqs):
+                    seq.accept(logits[-1])
             prefill_s = time.perf_counter() - started
-            decode_tokens = self._decode_until_done(seqs, stops)
+            decode_tokens = 0
+            while active := [s for s in seqs if not s.finished]:
+                for seq, row in zip(active, self.decode_step(active), strict=True):
+                    seq.accept(row)
+                decode_tokens += len(active)
             decode_s = time.perf_counter() - started - prefill_s
         finally:
             for seq in seqs:
                 self.kv_cache.remove_sequence(seq.seq_id)
         timings = Timings(sum(len(s.prompt_ids) for s in seqs), prefill_s,
                           decode_tokens, decode_s)
-        return [GenerationResult(s.prompt_ids, s.generated, s.text,
-                                 s.finish_reason or "length", timings) for s in seqs]
-
-    def _prefill(self, seqs: list[_Sequence], *, every_position: bool):
-        """Feed prompts in ragged chunks of up to ``prefill_chunk_size`` tokens.
-
-        Yields ``(sequence, logits)`` for each chunk that needs logits: every chunk when
-        ``every_position``, otherwise a sequence's last chunk with the last row only.
-        """
-        chunk_size = self.kv_cache.prefill_chunk_size
-        pending = [s for s in seqs if s.prefilled < len(s.prompt_ids)]
-        while pending:
-            batch, lengths, room = [], [], chunk_size
-            for seq in pending:
-                if room == 0:
-                    break
-                take = min(room, len(seq.prompt_ids) - seq.prefilled)
-                batch.append(seq)
-                lengths.append(take)
-                room -= take
-            ids, positions, offset = [], [], 0
-            for seq, take in zip(batch, lengths, strict=True):
-                ids.extend(seq.prompt_ids[seq.prefilled:seq.prefilled + take])
-                last = seq.prefilled + take == len(seq.prompt_ids)
-                if every_position:
-                    positions.extend(range(offset, offset + take))
-                elif last:
-                    positions.append(offset + take - 1)
-                offset += take
-            with self.kv_cache.forward([s.seq_id for s in batch], lengths):
-                # A chunk that completes no sequence still runs, for its KV; row 0 is discarded.
-                logits = self._call("prefill", ids, positions or [0])
-            row = 0
-            for seq, take in zip(batch, lengths, strict=True):
-                seq.prefilled += take
-                rows = take if every_position else int(seq.prefilled == len(seq.prompt_ids))
-                if rows:
-                    yield seq, logits[row:row + rows]
-                row += rows
-            pending = [s for s in pending if s.prefilled < len(s.prompt_ids)]
-
-    def _decode_until_done(self, seqs: list[_Sequence], stops: list[str]) -> int:
-        steps = 0
-        while active := [s for s in seqs if s.finish_reason is None]:
-            with self.kv_cache.forward([s.seq_id for s in active], [1] * len(active)):
-                logits = self._call("decode", [s.generated[-1] for s in active])
-            for seq, row in zip(active, logits, strict=True):
-                self._accept(seq, seq.sampler(row), stops)
-            steps += len(active)
-        return steps
-
-    def _accept(self, seq: _Sequence, token: int, stops: list[str]) -> None:
-        """Record a sampled token and decide whether the sequence is finished."""
-        if token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-            seq.text = self._text(seq.generated)
-            return
-        seq.generated.append(token)
-        seq.text = self._text(seq.generated)
-        if stops and seq.text is not None:
-            cut = min((seq.text.find(s) for s in stops if s in seq.text), default=-1)
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                seq.finish_reason = "stop"
-                return
-        if len(seq.generated) >= seq.max_new_tokens:
-            seq.finish_reason = "length"
-
-    def _text(self, ids: list[int]) -> str | None:
-        return self.tokenizer.decode(ids) if self.tokenizer else None
+        return [GenerationResult(s.prompt_ids, s.generated, s.text, s.finish_reason or "length",
+                                 timings) for s in seqs]
 
     def _call(self, entry: str, ids: list[int], positions: list[int] | None = None) -> np.ndarray:
         args = [tvm.runtime.tensor(np.asarray(ids, dtype=np.int32))]

@@ -1,8 +1,9 @@
-"""Token sampling on float32 logits in numpy: greedy, temperature, top-k, top-p."""
+"""Token sampling on float32 logits in numpy: penalties, temperature, top-k, top-p, min-p."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 
@@ -11,20 +12,36 @@ from qwen3c.errors import RequestError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Greedy when ``temperature`` is 0; otherwise reproducible for a given ``seed``."""
+    """Greedy when ``temperature`` is 0; otherwise reproducible for a given ``seed``.
+
+    Penalties follow vLLM/OpenAI: ``repetition_penalty`` (> 1 discourages) divides positive and
+    multiplies negative logits of every token seen in the prompt or output;
+    ``presence_penalty`` and ``frequency_penalty`` subtract once per token present, and per
+    occurrence, in the output so far.
+    """
 
     temperature: float = 0.0
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(f"{message}; got {self}")
 
 
 class Sampler:
@@ -34,23 +51,51 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, prompt: list[int] | None = None,
+                 output: list[int] | None = None) -> int:
+        logits = self._penalised(logits.astype(np.float64), prompt or [], output or [])
         if self.params.temperature == 0:
             return int(np.argmax(logits))
-        candidates, probs = self._distribution(logits.astype(np.float64))
+        candidates, probs = self._distribution(logits)
         return int(candidates[self._rng.choice(len(candidates), p=probs)])
 
+    def _penalised(self, logits: np.ndarray, prompt: list[int],
+                   output: list[int]) -> np.ndarray:
+        p = self.params
+        if p.repetition_penalty != 1 and (prompt or output):
+            seen = np.unique(np.asarray(prompt + output))
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / p.repetition_penalty,
+                                    values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output:
+            counts = Counter(output)
+            tokens = np.fromiter(counts, dtype=np.int64)
+            occurrences = np.fromiter(counts.values(), dtype=np.float64)
+            logits[tokens] -= p.presence_penalty + p.frequency_penalty * occurrences
+        return logits
+
     def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate token ids and their renormalised probabilities after top-k and top-p."""
+        """Candidate token ids and their renormalised probabilities after top-k/top-p/min-p."""
         order = np.argsort(-logits, kind="stable")
         if self.params.top_k:
             order = order[: self.params.top_k]
         scaled = logits[order] / self.params.temperature
         probs = np.exp(scaled - scaled[0])
         probs /= probs.sum()
+        keep = len(order)
         if self.params.top_p < 1:
-            # Keep the smallest head whose mass reaches top_p: each token whose predecessors'
-            # mass is still below it (always the first).
+            # The smallest head whose mass reaches top_p: each token whose predecessors' mass
+            # is still below it (always the first).
             keep = int(np.count_nonzero(np.cumsum(probs) - probs < self.params.top_p))
-            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-        return order, probs
+        if self.params.min_p:
+            keep = min(keep, int(np.count_nonzero(probs >= self.params.min_p * probs[0])))
+        return order[:keep], probs[:keep] / probs[:keep].sum()
+
+
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of ``token`` and its ``n`` most likely alternatives, from the
+    raw logits (before penalties and temperature), as OpenAI reports them."""
+    shifted = logits.astype(np.float64) - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argsort(-logprobs, kind="stable")[:n]
+    return float(logprobs[token]), [(int(t), float(logprobs[t])) for t in best]
