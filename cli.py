@@ -63,8 +63,9 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
 
 @main.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--prompt", default=None,
+              help="Prompt text; without it, --chat starts an interactive conversation.")
+@click.option("--chat", is_flag=True, help="Use the model's chat template.")
 @click.option("--think/--no-think", default=False, show_default=True,
               help="Qwen3 thinking mode (with --chat).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -89,6 +90,11 @@ def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_to
     model = qwen3c.load(artifact, threads=threads)
     if router_stats or router_stats_json:
         model.enable_router_stats()
+    if prompt is None:
+        if not chat:
+            raise click.UsageError("give --prompt, or --chat for an interactive conversation")
+        _chat_loop(model, temperature, top_k, top_p, seed, max_new_tokens, think)
+        return
     if chat:
         if model.tokenizer is None:
             raise qwen3c.RequestError("--chat needs the artifact's tokenizer files")
@@ -108,6 +114,48 @@ def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_to
         if router_stats_json:
             router_stats_json.write_text(json.dumps([s.to_dict() for s in layers], indent=1),
                                          encoding="utf-8")
+
+
+def _chat_loop(model, temperature: float, top_k: int, top_p: float, seed: int | None,
+               max_new_tokens: int, think: bool) -> None:
+    from qwen3c.runtime.chat import interactive_chat
+    from qwen3c.runtime.sampling import SamplingParams
+
+    def read() -> str | None:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+
+    click.echo("chat: type a message, /exit or Ctrl-D to leave", err=True)
+    interactive_chat(model, params=SamplingParams(temperature=temperature, top_k=top_k,
+                                                  top_p=top_p, seed=seed),
+                     max_tokens=max_new_tokens, enable_thinking=think, read=read,
+                     write=lambda text: click.echo(text, nl=False))
+
+
+@main.command("serve")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
+@click.option("--model-name", default="qwen3c", show_default=True,
+              help="The model id clients must send.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Requests decoded together.")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="KV cache capacity in tokens (default: the context length).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+def serve_command(artifact: Path, host: str, port: int, api_key: str | None, model_name: str,
+                  max_batch: int, kv_cache_tokens: int | None, threads: int | None) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API."""
+    from qwen3c.runtime.server import serve
+
+    click.echo(f"serving {artifact} as {model_name!r} on http://{host}:{port}/v1", err=True)
+    serve(str(artifact), host=host, port=port, api_key=api_key, model_name=model_name,
+          max_batch_size=max_batch, kv_cache_tokens=kv_cache_tokens, threads=threads)
 
 
 @main.command("inspect")

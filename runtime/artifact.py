@@ -14,6 +14,7 @@ from typing import Any
 
 import tvm
 
+from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import ArtifactError, Qwen3cError
 from qwen3c.targets import TargetChoice, get_target
 
@@ -46,6 +47,9 @@ class Manifest:
     library_sha256: str
     compile_seconds: float
     format_version: int = FORMAT_VERSION
+
+    def config(self) -> Qwen3Config:
+        return Qwen3Config(**self.model)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -85,6 +89,7 @@ def read_manifest(path: str | Path) -> tuple[Path, Manifest]:
     directory = artifact_dir(path)
     try:
         manifest = Manifest.from_json((directory / MANIFEST).read_text(encoding="utf-8"))
+        manifest.config()
     except Qwen3cError:
         raise
     except (ValueError, KeyError, TypeError) as bad:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import RequestError
 from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params, read_manifest, verify_artifact
 from qwen3c.runtime.kv_cache import PagedKVCache
@@ -68,7 +67,7 @@ class Model:
             self._vm, max_batch_size=max_batch_size,
             capacity_tokens=kv_cache_tokens or self.context_length,
             prefill_chunk_size=manifest.prefill_chunk_size)
-        self.config = Qwen3Config(**manifest.model)
+        self.config = manifest.config()
         self._router_stats: RouterStatsAccumulator | None = None
 
     # ---- public API -------------------------------------------------------------------------

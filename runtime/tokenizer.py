@@ -29,6 +29,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (for logprobs)."""
+        return self._tokenizer.decode([token], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, str]], *,
                             add_generation_prompt: bool = True, **options: Any) -> str:
         """Render the conversation as the model was trained to see it (e.g. enable_thinking)."""
