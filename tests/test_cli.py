@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from click.testing import CliRunner
 from transformers import AutoTokenizer
@@ -97,3 +99,16 @@ def test_run_router_stats(make_checkpoint, make_artifact, tmp_path):
     prompt_tokens = len(qwen3c.load(artifact).tokenizer.encode("def f(x):"))
     # every prompt token plus the 3 decoded inputs (the 4th token is sampled, never fed)
     assert all(sum(e["counts"]) == (prompt_tokens + 3) * 2 for e in layers)
+
+
+def test_interactive_chat_streams_answers(make_artifact, tiny_checkpoint):
+    artifact = make_artifact(tiny_checkpoint)
+    ran = subprocess.run([sys.executable, "-m", "qwen3c.cli", "run", str(artifact), "--chat",
+                          "--max-new-tokens", "6"], input="hello\n/exit\n", text=True,
+                         capture_output=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    model = qwen3c.load(artifact)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}],
+                                                 enable_thinking=False)
+    expected = model.generate(prompt, max_new_tokens=6).text
+    assert ran.stdout == f"> {expected}\n> "

@@ -83,3 +83,34 @@ def test_generation_stops_at_the_context_length(make_checkpoint, make_artifact):
 def test_invalid_sampling_options_are_refused(tiny_model, options):
     with pytest.raises(qwen3c.RequestError):
         tiny_model.generate([1, 2, 3], **options)
+
+
+def test_penalties_follow_their_definitions():
+    logits = np.array([2.0, 1.0, -1.0, 0.5])
+    prompt, output = [0], [2, 2, 3]
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5,
+                            frequency_penalty=0.25)
+    penalised = Sampler(params)._penalised(logits.copy(), prompt, output)
+    expected = logits.copy()
+    expected[0] /= 2.0  # seen in the prompt, positive: divided
+    expected[2] *= 2.0  # seen in the output, negative: multiplied
+    expected[3] /= 2.0
+    expected[2] -= 0.5 + 0.25 * 2  # present, twice
+    expected[3] -= 0.5 + 0.25 * 1
+    np.testing.assert_allclose(penalised, expected)
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    sampler = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=0))
+    counts = np.bincount([sampler(logits) for _ in range(4000)], minlength=4) / 4000
+    assert counts[2] == counts[3] == 0  # below 0.5 * 0.5
+    np.testing.assert_allclose(counts[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+
+
+def test_strip_thinking_from_history_only_for_assistant_turns():
+    from qwen3c.runtime.chat import strip_thinking
+
+    messages = [{"role": "user", "content": "<think>keep</think> q"},
+                {"role": "assistant", "content": "<think>\nreasoning\n</think>\n\nanswer"}]
+    assert strip_thinking(messages) == [messages[0], {"role": "assistant", "content": "answer"}]
