@@ -233,6 +233,41 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
                                            "decode_tokens": decode_tokens})
 
 
+@main.command("bench-serve")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--concurrency", default="1,4,16", show_default=True,
+              help="Comma-separated numbers of concurrent streaming clients.")
+@click.option("--requests", "requests_per_client", type=int, default=2, show_default=True,
+              help="Requests per client, one after another.")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--model-name", default="qwen3c", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_serve_command(url: str, concurrency: str, requests_per_client: int,
+                        prompt_tokens: int, max_tokens: int, model_name: str,
+                        api_key: str | None, json_path: Path | None) -> None:
+    """Throughput and time to first token of a running qwen3c serve, at several loads."""
+    import dataclasses
+
+    from qwen3c.runtime.load_test import run_load
+
+    rows = []
+    click.echo(f"{'streams':>7} {'requests':>8} {'tok/s':>8} {'TTFT p50 ms':>12} "
+               f"{'TTFT p99 ms':>12}")
+    for level in (int(c) for c in concurrency.split(",")):
+        result = run_load(url, concurrency=level, requests_per_client=requests_per_client,
+                          prompt_tokens=prompt_tokens, max_tokens=max_tokens, model=model_name,
+                          api_key=api_key)
+        rows.append({**dataclasses.asdict(result), "tokens_per_s": result.tokens_per_s})
+        click.echo(f"{level:>7} {result.requests:>8} {result.tokens_per_s:>8.1f} "
+                   f"{result.ttft_p50_ms:>12.0f} {result.ttft_p99_ms:>12.0f}")
+    if json_path is not None:
+        json_path.write_text(json.dumps({"url": url, "prompt_tokens": prompt_tokens,
+                                         "max_tokens": max_tokens, "rows": rows}, indent=2),
+                             encoding="utf-8")
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("artifacts/demo"),
               show_default=True, help="Where the tiny checkpoint and its artifact go.")
