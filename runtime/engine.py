@@ -51,6 +51,7 @@ class Request:
     params: SamplingParams
     on_event: Callable[[RequestEvent], None]
     stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: int | None = None
     request_id: int = dataclasses.field(default_factory=lambda: next(_request_ids))
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
@@ -208,6 +209,7 @@ class Engine:
         self.counters.reused_prefix_tokens += shared
         seq = self.model.new_sequence(prompt, max_new_tokens=request.max_tokens,
                                       params=request.params, stop=request.stop,
+                                      stop_token_ids=request.stop_token_ids,
                                       logprobs=request.logprobs, seq_id=seq_id)
         seq.prefilled = shared
         return seq

@@ -160,7 +160,8 @@ class Model:
 
     def new_sequence(self, prompt_ids: list[int], *, max_new_tokens: int,
                      params: SamplingParams = GREEDY, stop: Sequence[str] = (),
-                     logprobs: int | None = None, seq_id: int | None = None) -> SequenceState:
+                     stop_token_ids: Sequence[int] = (), logprobs: int | None = None,
+                     seq_id: int | None = None) -> SequenceState:
         """A request's state; ``seq_id`` names a KV-cache sequence made by the caller (e.g. a
         fork that already holds a prefix), otherwise a fresh one is added."""
         # The first new token needs no cache slot; each later one needs its predecessor's.
@@ -169,7 +170,8 @@ class Model:
             seq_id=self.kv_cache.add_sequence() if seq_id is None else seq_id,
             prompt_ids=prompt_ids, max_new_tokens=budget, sampler=Sampler(params),
             decode=self.tokenizer.decode if self.tokenizer else None,
-            stop_strings=list(stop), stop_token_ids=self.eos_token_ids, logprobs=logprobs)
+            stop_strings=list(stop), stop_token_ids=self.eos_token_ids | set(stop_token_ids),
+            logprobs=logprobs)
 
     def prefill_step(self, seqs: Sequence[SequenceState], *,
                      every_position: bool = False) -> list[tuple[SequenceState, np.ndarray]]:

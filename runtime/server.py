@@ -43,6 +43,7 @@ class _SamplingBody(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -213,7 +214,7 @@ async def _serve(engine: Engine, request: Request, body: _SamplingBody, prompt_i
         for index in range(body.n):
             engine_request = EngineRequest(
                 prompt_ids, max_tokens, body.sampling(index), stop=body.stops(),
-                logprobs=logprobs,
+                stop_token_ids=body.stop_token_ids, logprobs=logprobs,
                 on_event=lambda event, i=index: loop.call_soon_threadsafe(
                     queue.put_nowait, (i, event)))
             engine.submit(engine_request)

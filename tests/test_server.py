@@ -120,6 +120,17 @@ def test_stop_string(client, local_model):
     assert out.choices[0].finish_reason == "stop"
 
 
+def test_stop_token_ids(client, local_model):
+    free = local_model.generate("def run(", max_new_tokens=10)
+    stop_token = free.token_ids[4]
+    out = client.completions.create(model="qwen3c", prompt="def run(", max_tokens=10,
+                                    temperature=0, extra_body={"stop_token_ids": [stop_token]})
+    first = free.token_ids.index(stop_token)
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == first
+    assert out.choices[0].text == local_model.tokenizer.decode(free.token_ids[:first])
+
+
 def test_n_choices_and_seeds(client):
     out = client.completions.create(model="qwen3c", prompt="import", max_tokens=10,
                                     temperature=1.0, n=2, seed=3)
