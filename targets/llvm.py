@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from qwen3c.errors import TargetError
-from qwen3c.schedules import schedule_cpu_matmuls
+from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.targets.base import Phase, Target, TargetChoice
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu"}
@@ -70,7 +70,11 @@ class LlvmTarget(Target):
 
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
         return [
-            Phase("prepare", "fold transposes into matmuls before they are lowered", [
+            Phase("kernels", "route projections to qwen3c's register-tiled GEMM (schedules)", [
+                dispatch_cpu_gemm,
+                relax.transform.DeadCodeElimination(),
+            ]),
+            Phase("prepare", "fold remaining transposes into matmuls before lowering", [
                 relax.transform.FuseTransposeMatmul(),
             ]),
             Phase("dispatch", "route sampling and sort/scan ops to library kernels", [
@@ -84,7 +88,7 @@ class LlvmTarget(Target):
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
             ]),
-            Phase("schedule", "parallel, vectorised projections (qwen3c.schedules)", [
+            Phase("schedule", "parallel, vectorised schedule for the other matmuls", [
                 schedule_cpu_matmuls,
             ]),
             Phase("lower", "leave dataflow form and rewrite calls into destination passing", [

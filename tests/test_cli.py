@@ -24,7 +24,7 @@ def test_compile_inspect_run(tiny_checkpoint, tmp_path):
     compiled = invoke("compile", tiny_checkpoint, "--target", "llvm", "--dtype", "float32",
                       "-o", out, "--dump-ir", tmp_path / "ir")
     assert "model.so" in compiled.output
-    assert sorted(p.name for p in (tmp_path / "ir").iterdir())[-1] == "06-finalize.py"
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir())[-1] == "07-finalize.py"
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["name"] == "llvm" and manifest["dtype"] == "float32"

@@ -41,9 +41,14 @@ def has_parallel_loop(func: tirx.PrimFunc) -> bool:
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
-def test_projection_schedule_matches_numpy(dtype, tolerance):
-    k, n = 50, 37  # n is not a multiple of the 16-row block
+@pytest.mark.parametrize("k, n, kernel", [
+    (50, 37, "schedule"),  # sizes off the GEMM tiles: the generic schedule (16-row blocks)
+    (64, 40, "nt_gemm"),  # the register-tiled kernel
+])
+def test_projection_matches_numpy(dtype, tolerance, k, n, kernel):
     mod, vm = build(k, n, dtype)
+    names = [gvar.name_hint for gvar in mod.functions]
+    assert any(name.startswith("nt_gemm") for name in names) == (kernel == "nt_gemm"), names
     scheduled = [f for f in mod.functions.values()
                  if isinstance(f, tirx.PrimFunc) and has_parallel_loop(f)]
     assert scheduled, "the projection was not scheduled"
@@ -51,7 +56,7 @@ def test_projection_schedule_matches_numpy(dtype, tolerance):
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(n, k)).astype(np_dtype)
-    for m in (1, 3, 17):
+    for m in (1, 3, 4, 5, 17):  # the decode path below 4 tokens, full and partial tiles above
         x = rng.normal(size=(m, k)).astype(np_dtype)
         residual = rng.normal(size=(m, n)).astype(np_dtype)
         out = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(residual),
