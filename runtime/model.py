@@ -60,14 +60,14 @@ class Model:
                                             device)
         self._params = load_params(directory, manifest, device)
         self.tokenizer = Tokenizer.from_dir(directory)
-        self.vocab_size = int(manifest.model["vocab_size"])
+        self.config = manifest.config()
+        self.vocab_size = self.config.vocab_size
         self.context_length = manifest.context_length
-        self.eos_token_ids = frozenset(manifest.model["eos_token_ids"])
+        self.eos_token_ids = frozenset(self.config.eos_token_ids)
         self.kv_cache = PagedKVCache(
             self._vm, max_batch_size=max_batch_size,
             capacity_tokens=kv_cache_tokens or self.context_length,
             prefill_chunk_size=manifest.prefill_chunk_size)
-        self.config = manifest.config()
         self._router_stats: RouterStatsAccumulator | None = None
 
     # ---- public API -------------------------------------------------------------------------
