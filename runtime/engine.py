@@ -74,6 +74,7 @@ class _Running:
     request: Request
     seq: SequenceState
     reserved_pages: int
+    shared_tokens: int = 0  # prefix forked from a cached sequence: its pages are not ours
     sent_text: int = 0
     sent_tokens: int = 0
 
@@ -192,7 +193,8 @@ class Engine:
                 continue
             self._waiting.popleft()
             seq = self._start_sequence(request)
-            self._running.append(_Running(request, seq, self._pages_needed(request)))
+            self._running.append(_Running(request, seq, self._pages_needed(request),
+                                          shared_tokens=seq.prefilled))
 
     def _start_sequence(self, request: Request) -> SequenceState:
         """Fork the cached prefix that shares most with the prompt, or start empty."""
@@ -287,10 +289,13 @@ class Engine:
         return self.kv.pages_for(len(request.prompt_ids) + request.max_tokens) + 1
 
     def _free_unreserved_pages(self) -> int:
-        """Free pages minus what running requests may still claim."""
-        outstanding = sum(
-            max(0, r.reserved_pages - (self.kv.pages_for(self.kv.lengths[r.seq.seq_id]) + 1))
-            for r in self._running)
+        """Free pages minus what running requests may still claim: each holds at most the
+        pages past its shared prefix, plus the page copied when it was forked."""
+        def held(r: _Running) -> int:
+            return (self.kv.pages_for(self.kv.lengths[r.seq.seq_id])
+                    - self.kv.pages_for(r.shared_tokens) + 1)
+
+        outstanding = sum(max(0, r.reserved_pages - held(r)) for r in self._running)
         return self.kv.free_pages() - outstanding
 
 

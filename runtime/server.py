@@ -8,6 +8,8 @@ OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with the mat
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import secrets
 import time
@@ -215,8 +217,7 @@ async def _serve(engine: Engine, request: Request, body: _SamplingBody, prompt_i
             engine_request = EngineRequest(
                 prompt_ids, max_tokens, body.sampling(index), stop=body.stops(),
                 stop_token_ids=body.stop_token_ids, logprobs=logprobs,
-                on_event=lambda event, i=index: loop.call_soon_threadsafe(
-                    queue.put_nowait, (i, event)))
+                on_event=functools.partial(_deliver, loop, queue, index))
             engine.submit(engine_request)
             submitted.append(engine_request)
     except RequestError as err:
@@ -228,6 +229,13 @@ async def _serve(engine: Engine, request: Request, body: _SamplingBody, prompt_i
         return StreamingResponse(_stream(engine, request, queue, submitted, response),
                                  media_type="text/event-stream")
     return await _collect(engine, request, queue, submitted, response)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int,
+             event: RequestEvent) -> None:
+    """Hand an engine event (engine thread) to the request's handler (event loop)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
 
 class _Response:
