@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -77,13 +78,17 @@ class Checkpoint:
         self.model_dir = model_dir
         self.files = self._weight_files(model_dir)
         self._stack = ExitStack()
-        self._handles = {}
+        self._handles: dict[Path, Any] = {}
         self.location: dict[str, Path] = {}
-        for file in self.files:
-            handle = self._open(file)
-            self._handles[file] = handle
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                self.location[key] = file
+        try:
+            for file in self.files:
+                handle = self._open(file)
+                self._handles[file] = handle
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self.location[key] = file
+        except BaseException:
+            self._stack.close()  # files opened before the bad one
+            raise
 
     @staticmethod
     def _weight_files(model_dir: Path) -> list[Path]:

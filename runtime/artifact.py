@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
+from safetensors.numpy import load_file
 
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import ArtifactError, Qwen3cError
@@ -118,11 +120,10 @@ def verify_artifact(directory: Path, manifest: Manifest) -> None:
                 "compilation; recompile the artifact")
 
 
-def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device) -> list:
+def load_params(directory: Path, manifest: Manifest,
+                device: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
     """The weights as device tensors, in the order the compiled functions take them."""
-    from safetensors.numpy import load_file
-
-    arrays: dict = {}
+    arrays: dict[str, np.ndarray] = {}
     for name in manifest.weight_files:
         arrays.update(load_file(str(directory / name)))
     tensors = []
