@@ -158,6 +158,15 @@ def serve_command(artifact: Path, host: str, port: int, api_key: str | None, mod
           max_batch_size=max_batch, kv_cache_tokens=kv_cache_tokens, threads=threads)
 
 
+@main.command("targets")
+def targets_command() -> None:
+    """List the compilation targets and what each has been verified to do."""
+    from qwen3c.targets import all_targets
+
+    for target in all_targets():
+        click.echo(f"{target.name:6} {target.description}\n       verified: {target.verified}")
+
+
 @main.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")

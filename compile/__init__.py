@@ -45,6 +45,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     prefill_chunk_size = min(prefill_chunk_size or DEFAULT_PREFILL_CHUNK, context_length)
     backend = get_target(target)
     choice = backend.resolve(arch, cpu)
+    backend.check_model(config)
     tvm_target = backend.tvm_target(choice)
 
     with tvm_target:

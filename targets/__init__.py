@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from qwen3c.errors import TargetError
 from qwen3c.targets.base import Phase, Target, TargetChoice
+from qwen3c.targets.cuda import CudaTarget
 from qwen3c.targets.llvm import LlvmTarget
 
-_REGISTRY: dict[str, Target] = {t.name: t for t in (LlvmTarget(),)}
+_REGISTRY: dict[str, Target] = {t.name: t for t in (LlvmTarget(), CudaTarget())}
 
 
 def get_target(name: str) -> Target:

@@ -13,6 +13,8 @@ from typing import Any
 
 import tvm
 
+from qwen3c.compile.config import Qwen3Config
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -45,6 +47,10 @@ class Target(ABC):
     @abstractmethod
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
         """Fill in defaults (the host's arch and CPU) and reject unknown values."""
+
+    @abstractmethod
+    def check_model(self, config: Qwen3Config) -> None:
+        """Raise ``TargetError`` for a model this target cannot compile."""
 
     @abstractmethod
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target: ...

@@ -9,6 +9,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
 from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.targets.base import Phase, Target, TargetChoice
@@ -56,6 +57,9 @@ class LlvmTarget(Target):
         if cpu is None:
             cpu = host_cpu() if arch == host_arch() else "generic"
         return TargetChoice(name=self.name, arch=arch, cpu=cpu)
+
+    def check_model(self, config: Qwen3Config) -> None:
+        """Dense and MoE Qwen3 both compile for the CPU."""
 
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target:
         return tvm.target.Target({

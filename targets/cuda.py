@@ -1,0 +1,67 @@
+"""NVIDIA GPUs through TVM's CUDA codegen, scheduled by TVM's dlight GPU rules.
+
+Compile-only so far: the build machines have no GPU. The library embeds CUDA C++ source, which
+TVM compiles for the device when the artifact is loaded on a machine with one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from qwen3c.compile.config import Qwen3Config
+from qwen3c.errors import TargetError
+from qwen3c.targets.base import Phase, Target, TargetChoice
+
+ARCHS = ("sm_80", "sm_90")
+
+
+class CudaTarget(Target):
+    name = "cuda"
+    description = "NVIDIA GPUs (sm_80, sm_90) via TVM's CUDA codegen and dlight schedules"
+    verified = ("dense Qwen3 compiled here for sm_80/sm_90 in float16/bfloat16/float32; "
+                "never run (no GPU on the build machines); MoE not supported yet")
+
+    def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
+        arch = arch or ARCHS[0]
+        if arch not in ARCHS:
+            raise TargetError(f"cuda target: unsupported arch {arch!r}; supported: "
+                              f"{', '.join(ARCHS)}")
+        if cpu is not None:
+            raise TargetError("--cpu applies to the llvm target only")
+        return TargetChoice(name=self.name, arch=arch, cpu="generic")
+
+    def check_model(self, config: Qwen3Config) -> None:
+        if config.num_experts:
+            raise TargetError("Qwen3-MoE cannot be compiled for cuda yet: qwen3c's expert "
+                              "kernels are CPU-only")
+
+    def tvm_target(self, choice: TargetChoice) -> tvm.target.Target:
+        return tvm.target.Target({"kind": "cuda", "arch": choice.arch},
+                                 host={"kind": "llvm", "mcpu": choice.cpu})
+
+    def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
+        return [
+            Phase("prepare", "fold transposes into matmuls before they are lowered", [
+                relax.transform.FuseTransposeMatmul(),
+            ]),
+            Phase("default", "TVM's cuda pipeline: legalize, fuse, dlight GPU schedules, lower", [
+                relax.pipeline.get_default_pipeline(tvm_target),
+            ]),
+        ]
+
+    def export(self, executable: tvm.runtime.Executable, path: Path) -> None:
+        executable.export_library(str(path))
+
+    def device(self) -> tvm.runtime.Device:
+        return tvm.cuda(0)
+
+    def configure_threads(self, threads: int | None) -> None:
+        """GPU kernels do not use the host thread pool."""
+
+    def check_runnable(self, choice: TargetChoice) -> None:
+        if not tvm.cuda(0).exist:
+            raise TargetError(f"this artifact runs on an NVIDIA GPU ({choice.arch}); no CUDA "
+                              "device is visible on this machine")
