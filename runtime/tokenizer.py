@@ -38,7 +38,9 @@ class Tokenizer:
         """Render the conversation as the model was trained to see it (e.g. enable_thinking)."""
         if self.chat_template is None:
             raise RequestError("this model's tokenizer has no chat template")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # The same environment HF renders templates in (loop controls included).
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent,
                                                                       ensure_ascii=False)
         env.globals["raise_exception"] = _raise_template_error

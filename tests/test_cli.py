@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
@@ -51,6 +52,45 @@ def test_chat_template_matches_transformers(tiny_checkpoint, tiny_model):
                                         enable_thinking=thinking)
         assert ours == theirs
         assert tiny_model.tokenizer.encode(ours) == hf(ours)["input_ids"]
+
+
+# Exercises what real chat templates use: namespaces, reversed loops, loop controls, tojson,
+# string methods, raise_exception.
+RICH_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages[::-1] %}{%- if m.role == 'user' %}"
+    "{%- set ns.last_user = messages|length - loop.index0 - 1 %}{%- break %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('unknown role ' + m.role) }}{%- endif %}"
+    "{%- if m.content.startswith('skip') %}{%- continue %}{%- endif %}"
+    "<|im_start|>{{ m.role }}{{ ' (last)' if loop.index0 == ns.last_user }}\n"
+    "{{ m.content | tojson }}<|im_end|>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_rich_chat_template_matches_transformers(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from qwen3c.runtime.tokenizer import Tokenizer
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "chat_template": RICH_TEMPLATE}))
+    messages = [{"role": "system", "content": "Be brief, \"exact\"."},
+                {"role": "user", "content": "skip me"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "Ünïcode?"}]
+    ours = Tokenizer(tmp_path / "ckpt").apply_chat_template(messages)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt"), local_files_only=True)
+    assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "(last)" in ours and "skip me" not in ours
+    with pytest.raises(qwen3c.RequestError, match="unknown role"):
+        Tokenizer(tmp_path / "ckpt").apply_chat_template([{"role": "tool", "content": "x"}])
 
 
 def test_run_chat(make_artifact, tiny_checkpoint):
