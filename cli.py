@@ -217,8 +217,6 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
 def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
                   threads: int | None, hf_dir: Path | None, json_path: Path | None) -> None:
     """Decode and prefill tokens/s of ARTIFACT, optionally beside HF transformers."""
-    import os
-
     import qwen3c
     from qwen3c.runtime import bench
 
@@ -230,11 +228,11 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     prompts = bench.random_prompts(model.vocab_size, lengths)
     decode_prompt = bench.random_prompts(model.vocab_size, [32], seed=1)[32]
     rows = bench.bench_qwen3c(model, prompts, decode_prompt, decode_tokens, runs)
-    threads_used = int(os.environ["TVM_NUM_THREADS"])
+    threads_used = model.threads
     if hf_dir is not None:
         rows += bench.bench_hf(hf_dir, model.manifest.dtype, threads_used, prompts,
                                decode_prompt, decode_tokens, runs)
-    click.echo(f"{artifact}: {model.manifest.dtype}, {threads_used} threads, "
+    click.echo(f"{artifact}: {model.manifest.dtype}, {threads_used or 'device'} threads, "
                f"median of {runs}")
     click.echo(bench.format_table(rows))
     if json_path is not None:

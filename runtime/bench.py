@@ -40,7 +40,7 @@ def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: lis
     return rows
 
 
-def bench_hf(model_dir: Path, dtype: str, threads: int, prompts: dict[int, list[int]],
+def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int, list[int]],
              decode_prompt: list[int], decode_tokens: int, runs: int) -> list[BenchRow]:
     from qwen3c.reference import HFReference
 

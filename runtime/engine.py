@@ -28,6 +28,7 @@ from qwen3c.runtime.sampling import SamplingParams
 from qwen3c.runtime.sequence import SequenceState, TokenLogprob
 
 _request_ids = itertools.count()
+RATE_WINDOW_S = 10.0  # the window of the tokens/s figure in /metrics
 log = logging.getLogger(__name__)
 
 
@@ -140,10 +141,10 @@ class Engine:
     def pages_used(self) -> int:
         return self.total_pages - self.kv.free_pages()
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        cutoff = time.perf_counter() - window
-        recent = list(self._recent)
-        return sum(1 for t in recent if t >= cutoff) / window
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last ``RATE_WINDOW_S`` seconds."""
+        cutoff = time.perf_counter() - RATE_WINDOW_S
+        return sum(1 for t in list(self._recent) if t >= cutoff) / RATE_WINDOW_S
 
     # ---- the engine thread ------------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class Engine:
         self.counters.generated_tokens += 1
         now = time.perf_counter()
         self._recent.append(now)
-        while self._recent and self._recent[0] < now - 60:
+        while self._recent[0] < now - RATE_WINDOW_S:
             self._recent.popleft()
         self._emit(running)
 

@@ -54,7 +54,7 @@ class Model:
         verify_artifact(directory, manifest)
         self.manifest = manifest
         target = get_target(manifest.target.name)
-        target.configure_threads(threads)
+        self.threads = target.configure_threads(threads)
         device = target.device()
         self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(directory / LIBRARY)),
                                             device)

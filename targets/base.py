@@ -65,8 +65,9 @@ class Target(ABC):
     def device(self) -> tvm.runtime.Device: ...
 
     @abstractmethod
-    def configure_threads(self, threads: int | None) -> None:
-        """Set how many host threads the runtime's kernels use, before the first kernel runs."""
+    def configure_threads(self, threads: int | None) -> int | None:
+        """Set how many host threads the runtime's kernels use, before the first kernel runs;
+        return that number (None where the kernels do not run on host threads)."""
 
     @abstractmethod
     def check_runnable(self, choice: TargetChoice) -> None:

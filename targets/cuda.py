@@ -60,6 +60,7 @@ class CudaTarget(Target):
 
     def configure_threads(self, threads: int | None) -> None:
         """GPU kernels do not use the host thread pool."""
+        return None
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if not tvm.cuda(0).exist:

@@ -118,7 +118,7 @@ class LlvmTarget(Target):
     def device(self) -> tvm.runtime.Device:
         return tvm.cpu()
 
-    def configure_threads(self, threads: int | None) -> None:
+    def configure_threads(self, threads: int | None) -> int:
         """TVM's pool reads TVM_NUM_THREADS once, when it starts; unset, it assumes x86 has
         hyper-threading and halves the CPU count (one thread on a 2-core machine)."""
         if threads is not None:
@@ -127,6 +127,7 @@ class LlvmTarget(Target):
             os.environ["TVM_NUM_THREADS"] = str(threads)
         else:
             os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+        return int(os.environ["TVM_NUM_THREADS"])
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if choice.arch != host_arch():
