@@ -27,3 +27,7 @@ class TargetError(Qwen3cError):
 
 class RequestError(Qwen3cError):
     """A generation request the loaded model cannot serve (too long, bad token ids, bad options)."""
+
+
+class WorkerError(Qwen3cError):
+    """A worker process of a sharded model died or failed; its workers have been stopped."""

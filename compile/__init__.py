@@ -13,6 +13,7 @@ from qwen3c import __version__
 from qwen3c.compile.config import Qwen3Config, load_config
 from qwen3c.compile.model import Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
+from qwen3c.compile.sharding import Parallelism, shard_spec
 from qwen3c.compile.weights import (
     NUMPY_DTYPES,
     Checkpoint,
@@ -34,8 +35,14 @@ DEFAULT_PREFILL_CHUNK = 512
 def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "float32",
                   output: str | Path, arch: str | None = None, cpu: str | None = None,
                   context_length: int | None = None, prefill_chunk_size: int | None = None,
+                  tensor_parallel: int = 1, expert_parallel: bool = False,
                   dump_ir: str | Path | None = None) -> Path:
-    """Compile a Qwen3 checkpoint into an artifact directory and return its path."""
+    """Compile a Qwen3 checkpoint into an artifact directory and return its path.
+
+    With ``tensor_parallel`` N > 1 the library holds the functions of one shard (run by each of
+    N workers) and the weights are cut into N sets; ``expert_parallel`` partitions MoE experts
+    over the shards instead of cutting every expert.
+    """
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)
     if dtype not in NUMPY_DTYPES:
@@ -46,20 +53,23 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     backend = get_target(target)
     choice = backend.resolve(arch, cpu)
     backend.check_model(config)
+    parallel = Parallelism(tensor_parallel, expert_parallel)
+    parallel.check(config)
     tvm_target = backend.tvm_target(choice)
 
     with tvm_target:
-        model = Qwen3ForCausalLM(config, dtype)
+        model = Qwen3ForCausalLM(config, dtype, parallel)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
-    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype))
+    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p))
               for name, p in named_params]
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
         check_coverage(checkpoint, [p.name for p in params], config.num_experts)
         _prepare_output(output)
-        weight_names = write_shards(converted_params(checkpoint, params, config.num_experts),
-                                    output)
+        weight_names = write_shards(
+            converted_params(checkpoint, params, config.num_experts, parallel.shards), output,
+            parallel.shards)
 
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
                        Path(dump_ir) if dump_ir else None)
@@ -79,8 +89,10 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         context_length=context_length,
         prefill_chunk_size=prefill_chunk_size,
         entry_points=entry_points,
+        parallel=parallel,
         params=tuple(params),
-        weight_files={name: sha256_file(output / name) for name in weight_names},
+        weight_files=tuple({name: sha256_file(output / name) for name in names}
+                           for names in weight_names),
         tokenizer_files=tuple(tokenizer_files),
         library_sha256=sha256_file(output / LIBRARY),
         compile_seconds=round(time.perf_counter() - started, 2),

@@ -10,6 +10,10 @@ Per layer, with x the residual stream (RMSNorm statistics and every matmul sum i
 q/k/v and gate/up are fused into one projection each (weights are concatenated at load time, see
 ``weights.py``). Attention runs over TVM's paged KV cache, which applies RoPE and stores k/v.
 
+Built for one shard of N (``Parallelism``), every module holds its shard's heads, intermediate
+rows or experts, declares how its parameters are cut (``sharding.py``), and o_proj, down_proj
+and the expert block sum their partial results over the shards (all-reduce, in float32).
+
 In Qwen3-MoE the MLP of most layers is a mixture of experts (``Qwen3MoeBlock``):
 
     p          = softmax(router(norm(h)))                   over all E experts, float32
@@ -26,6 +30,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from qwen3c.compile.config import Qwen3Config
+from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import moe
 
 ACCUMULATE = "float32"
@@ -35,15 +40,30 @@ RouterStats = list[Tensor]  # one [3, E] tensor per MoE layer, gathered while tr
 class Linear(nn.Linear):
     """y = x Wᵀ (+ b), summed in float32 and returned in the weight dtype.
 
-    16-bit weights summed in their own dtype give wrong tokens from the first step.
+    16-bit weights summed in their own dtype give wrong tokens from the first step. A
+    row-parallel projection (``all_reduce``) holds a slice of the input features on each shard:
+    the shards' partial products are summed, still in float32, before the bias is added once.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
+                 all_reduce: bool = False):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, out_dtype=ACCUMULATE)
         self.weight_dtype = dtype
+        self.all_reduce = all_reduce
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x).astype(self.weight_dtype)
+        y = op.matmul(x, op.permute_dims(self.weight), out_dtype=ACCUMULATE)
+        if self.all_reduce:
+            y = op.ccl_allreduce(y, "sum")
+        if self.bias is not None:
+            y = y + self.bias
+        return y.astype(self.weight_dtype)
+
+
+def shard_index() -> Tensor:
+    """This worker's index among the shards (TVM disco's worker id), as an int64 [1] tensor."""
+    worker_id = rx.call_pure_packed("runtime.disco.worker_id", ty_args=rx.ShapeType(ndim=1))
+    return nn.wrap_nested(rx.op.shape_to_tensor(worker_id), name="shard_index")
 
 
 class RMSNorm(nn.Module):
@@ -60,15 +80,18 @@ class RMSNorm(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str):
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
+        self.num_heads = config.num_attention_heads // parallel.shards
+        self.num_kv_heads = config.num_key_value_heads // parallel.shards
         self.head_dim = config.head_dim
-        qkv_heads = self.num_heads + 2 * self.num_kv_heads
-        self.qkv_proj = Linear(config.hidden_size, qkv_heads * self.head_dim,
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, q_rows + 2 * kv_rows,
                                bias=config.attention_bias, dtype=dtype)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size,
-                             bias=config.attention_bias, dtype=dtype)
+        self.o_proj = Linear(q_rows, config.hidden_size, bias=config.attention_bias,
+                             dtype=dtype, all_reduce=parallel.shards > 1)
+        for qkv_param in filter(None, (self.qkv_proj.weight, self.qkv_proj.bias)):
+            shard(qkv_param, 0, q_rows, kv_rows, kv_rows)
+        shard(self.o_proj.weight, 1)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
 
@@ -83,12 +106,13 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str):
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
-                                   bias=False, dtype=dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size,
-                                bias=False, dtype=dtype)
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
+        rows = config.intermediate_size // parallel.shards
+        self.gate_up_proj = Linear(config.hidden_size, 2 * rows, bias=False, dtype=dtype)
+        self.down_proj = Linear(rows, config.hidden_size, bias=False, dtype=dtype,
+                                all_reduce=parallel.shards > 1)
+        shard(self.gate_up_proj.weight, 0, rows, rows)
+        shard(self.down_proj.weight, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), indices_or_sections=2, axis=-1)
@@ -96,26 +120,46 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3MoeExperts(nn.Module):
-    """All experts of a layer, stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+    """The experts of a layer this shard holds, stacked: gate_up_proj [E, 2I, H], down_proj
+    [E, H, I] (all experts, each cut by intermediate rows; or, expert parallel, a contiguous
+    range of whole experts).
 
     Tokens are grouped by expert so each expert's weights are read once per call, and experts
     that no token chose are not read at all (see ``schedules/moe.py``).
     """
 
-    def __init__(self, config: Qwen3Config, dtype: str):
-        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
-        self.hidden, self.intermediate = config.hidden_size, config.moe_intermediate_size
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
+        expert_parallel = parallel.expert_parallel
+        self.num_experts = config.num_experts // (parallel.shards if expert_parallel else 1)
+        self.top_k = config.num_experts_per_tok
+        self.hidden = config.hidden_size
+        self.intermediate = config.moe_intermediate_size // (
+            1 if expert_parallel else parallel.shards)
+        self.expert_parallel = expert_parallel
         self.dtype = dtype
-        self.gate_up_proj = nn.Parameter(
-            (self.num_experts, 2 * self.intermediate, self.hidden), dtype)
-        self.down_proj = nn.Parameter((self.num_experts, self.hidden, self.intermediate), dtype)
+        E, H, I = self.num_experts, self.hidden, self.intermediate
+        self.gate_up_proj = nn.Parameter((E, 2 * I, H), dtype)
+        self.down_proj = nn.Parameter((E, H, I), dtype)
+        if expert_parallel:
+            shard(self.gate_up_proj, 0)
+            shard(self.down_proj, 0)
+        else:
+            shard(self.gate_up_proj, 1, I, I)
+            shard(self.down_proj, 2)
+
+    def first_expert(self) -> Tensor:
+        """The global index of this shard's first expert, as an int64 [1] tensor."""
+        if not self.expert_parallel:
+            return op.zeros((1,), "int64")
+        return op.multiply(shard_index(), op.full((1,), self.num_experts, "int64"))
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """x [n, H], routing weights / expert ids [n, k] -> float32 [n, H]."""
+        """x [n, H], routing weights / expert ids [n, k] -> float32 [n, H], summed over the
+        experts this shard holds."""
         E, k, H, I = self.num_experts, self.top_k, self.hidden, self.intermediate
         n = x.shape[0]
         offsets, order = op.tensor_ir_op(
-            moe.moe_group(E, k), "moe_group", [experts],
+            moe.moe_group(E, k), "moe_group", [experts, self.first_expert()],
             [Tensor.placeholder((E + 1,), "int32"), Tensor.placeholder((n * k,), "int32")])
         act = op.tensor_ir_op(
             moe.moe_gate_up_silu(E, k, H, I, self.dtype), "moe_gate_up_silu",
@@ -127,12 +171,13 @@ class Qwen3MoeExperts(nn.Module):
 
 
 class Qwen3MoeBlock(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str):
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         # Router logits are rounded to the model dtype before the float32 softmax, as in HF.
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
-        self.experts = Qwen3MoeExperts(config, dtype)
+        self.experts = Qwen3MoeExperts(config, dtype, parallel)
+        self.all_reduce = parallel.shards > 1
 
     def forward(self, x: Tensor, router_stats: RouterStats | None = None) -> Tensor:
         batch, seq_len, hidden = x.shape
@@ -146,17 +191,20 @@ class Qwen3MoeBlock(nn.Module):
             router_stats.append(op.tensor_ir_op(
                 moe.moe_router_stats(E, k), "moe_router_stats", [logits, weights, experts],
                 Tensor.placeholder((3, E), ACCUMULATE)))
-        out = self.experts(tokens, weights, experts).astype(x.dtype)
-        return op.reshape(out, (batch, seq_len, hidden))
+        out = self.experts(tokens, weights, experts)
+        if self.all_reduce:
+            out = op.ccl_allreduce(out, "sum")
+        return op.reshape(out.astype(x.dtype), (batch, seq_len, hidden))
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, layer_id: int):
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism, layer_id: int):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Qwen3Attention(config, dtype)
+        self.self_attn = Qwen3Attention(config, dtype, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.is_moe = config.is_moe_layer(layer_id)
-        self.mlp = Qwen3MoeBlock(config, dtype) if self.is_moe else Qwen3MLP(config, dtype)
+        mlp = Qwen3MoeBlock if self.is_moe else Qwen3MLP
+        self.mlp = mlp(config, dtype, parallel)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int,
                 router_stats: RouterStats | None = None) -> Tensor:
@@ -166,10 +214,10 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str):
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            [Qwen3DecoderLayer(config, dtype, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, dtype, parallel, i)
+                                     for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache,
@@ -184,10 +232,11 @@ class Qwen3ForCausalLM(nn.Module):
     for MoE models also ``*_router_stats`` variants that return per-layer routing counts, so
     the plain entry points pay nothing for statistics."""
 
-    def __init__(self, config: Qwen3Config, dtype: str):
+    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism = SINGLE_DEVICE):
         self.config = config
         self.dtype = dtype
-        self.model = Qwen3Model(config, dtype)
+        self.parallel = parallel
+        self.model = Qwen3Model(config, dtype, parallel)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
                                      dtype=dtype, out_dtype=ACCUMULATE)
@@ -242,8 +291,8 @@ class Qwen3ForCausalLM(nn.Module):
             support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, config.num_hidden_layers]),
             num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
+            num_attention_heads=config.num_attention_heads // self.parallel.shards,
+            num_key_value_heads=config.num_key_value_heads // self.parallel.shards,
             qk_head_dim=config.head_dim,
             v_head_dim=config.head_dim,
             mla_original_qk_head_dim=0,

@@ -156,9 +156,10 @@ def check_coverage(checkpoint: Checkpoint, param_names: list[str], num_experts: 
                               f"use, e.g. {', '.join(unused[:3])}: does config.json match?")
 
 
-def converted_params(checkpoint: Checkpoint, params: list[ParamInfo],
-                     num_experts: int) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield each of our parameters, assembled from its HF sources, in its own dtype."""
+def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], num_experts: int,
+                     shards: int = 1) -> Iterator[tuple[str, list[np.ndarray]]]:
+    """Yield each of our parameters, assembled from its HF sources in its own dtype, as one
+    array per shard: cut by its ``ShardSpec``, or the same array for every shard."""
 
     def row(names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:
         parts = [_cast(checkpoint.tensor(name), dtype) for name in names]
@@ -172,35 +173,52 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo],
         except ValueError as bad:  # parts whose shapes do not line up
             raise CheckpointError(f"cannot assemble {param.name!r} from "
                                   f"{', '.join(sources.names()[:3])}: {bad}") from None
-        if tuple(array.shape) != param.shape:
+        whole = param.shard.full_shape(param.shape, shards) if param.shard else param.shape
+        if tuple(array.shape) != whole:
             raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
-                                  f"checkpoint, but config.json implies {param.shape}")
-        yield param.name, np.ascontiguousarray(array)
+                                  f"checkpoint, but config.json implies {whole}")
+        if param.shard and shards > 1:
+            yield param.name, param.shard.split(array, shards)
+        else:
+            yield param.name, [np.ascontiguousarray(array)] * shards
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return array if array.dtype == dtype else array.astype(np.float32).astype(dtype)
 
 
-def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
-                 shard_bytes: int = 2 << 30) -> list[str]:
-    """Write tensors into ``weights-NNNNN.safetensors`` files of about ``shard_bytes`` each."""
-    names: list[str] = []
-    shard: dict[str, np.ndarray] = {}
-    size = 0
+class ShardWriter:
+    """Writes one shard's tensors into ``{prefix}NNNNN.safetensors`` files of about
+    ``file_bytes`` each, so no file holds more than one shard."""
 
-    def flush() -> None:
-        nonlocal shard, size
-        name = f"weights-{len(names) + 1:05d}.safetensors"
-        save_file(shard, str(out_dir / name))
-        names.append(name)
-        shard, size = {}, 0
+    def __init__(self, out_dir: Path, prefix: str, file_bytes: int = 2 << 30):
+        self.out_dir, self.prefix, self.file_bytes = out_dir, prefix, file_bytes
+        self.names: list[str] = []
+        self._pending: dict[str, np.ndarray] = {}
+        self._size = 0
 
-    for name, array in tensors:
-        if shard and size + array.nbytes > shard_bytes:
-            flush()
-        shard[name] = array
-        size += array.nbytes
-    if shard:
-        flush()
-    return names
+    def add(self, name: str, array: np.ndarray) -> None:
+        if self._pending and self._size + array.nbytes > self.file_bytes:
+            self.flush()
+        self._pending[name] = array
+        self._size += array.nbytes
+
+    def flush(self) -> None:
+        if self._pending:
+            name = f"{self.prefix}{len(self.names) + 1:05d}.safetensors"
+            save_file(self._pending, str(self.out_dir / name))
+            self.names.append(name)
+            self._pending, self._size = {}, 0
+
+
+def write_shards(tensors: Iterator[tuple[str, list[np.ndarray]]], out_dir: Path,
+                 shards: int) -> list[list[str]]:
+    """Write each shard's arrays into its own weight files; return the file names per shard."""
+    prefixes = ["weights-"] if shards == 1 else [f"weights-shard{r}-" for r in range(shards)]
+    writers = [ShardWriter(out_dir, prefix) for prefix in prefixes]
+    for name, arrays in tensors:
+        for writer, array in zip(writers, arrays, strict=True):
+            writer.add(name, array)
+    for writer in writers:
+        writer.flush()
+    return [writer.names for writer in writers]

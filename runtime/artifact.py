@@ -17,19 +17,24 @@ import tvm
 from safetensors.numpy import load_file
 
 from qwen3c.compile.config import Qwen3Config
+from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
 from qwen3c.targets import TargetChoice, get_target
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamInfo:
+    """One parameter as each shard holds it; ``shard`` says how the whole was cut (None:
+    every shard holds all of it)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
+    shard: ShardSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +48,9 @@ class Manifest:
     context_length: int
     prefill_chunk_size: int
     entry_points: dict[str, dict[str, Any]]
+    parallel: Parallelism
     params: tuple[ParamInfo, ...]
-    weight_files: dict[str, str]  # file name -> sha256
+    weight_files: tuple[dict[str, str], ...]  # per shard: file name -> sha256
     tokenizer_files: tuple[str, ...]
     library_sha256: str
     compile_seconds: float
@@ -64,8 +70,14 @@ class Manifest:
                 f"artifact format {raw.get('format_version')} is not the supported "
                 f"{FORMAT_VERSION}; recompile it with this qwen3c")
         raw["target"] = TargetChoice(**raw["target"])
-        raw["params"] = tuple(ParamInfo(p["name"], tuple(p["shape"]), p["dtype"])
-                              for p in raw["params"])
+        raw["parallel"] = Parallelism(**raw["parallel"])
+        raw["params"] = tuple(
+            ParamInfo(p["name"], tuple(p["shape"]), p["dtype"],
+                      ShardSpec.from_dict(p["shard"]) if p["shard"] else None)
+            for p in raw["params"])
+        raw["weight_files"] = tuple(raw["weight_files"])
+        if len(raw["weight_files"]) != raw["parallel"].shards:
+            raise ValueError("weight_files does not list one set of files per shard")
         raw["tokenizer_files"] = tuple(raw["tokenizer_files"])
         return cls(**raw)
 
@@ -109,7 +121,9 @@ def verify_artifact(directory: Path, manifest: Manifest) -> None:
         get_target(manifest.target.name).check_runnable(manifest.target)
     except Qwen3cError as err:
         raise ArtifactError(str(err)) from None
-    expected = {LIBRARY: manifest.library_sha256, **manifest.weight_files}
+    expected = {LIBRARY: manifest.library_sha256}
+    for files in manifest.weight_files:
+        expected |= files
     for name, digest in expected.items():
         file = directory / name
         if not file.is_file():
@@ -120,11 +134,11 @@ def verify_artifact(directory: Path, manifest: Manifest) -> None:
                 "compilation; recompile the artifact")
 
 
-def load_params(directory: Path, manifest: Manifest,
-                device: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
-    """The weights as device tensors, in the order the compiled functions take them."""
+def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device,
+                shard: int = 0) -> list[tvm.runtime.Tensor]:
+    """One shard's weights as device tensors, in the order the compiled functions take them."""
     arrays: dict[str, np.ndarray] = {}
-    for name in manifest.weight_files:
+    for name in manifest.weight_files[shard]:
         arrays.update(load_file(str(directory / name)))
     tensors = []
     for param in manifest.params:

@@ -10,40 +10,39 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import tvm
 from tvm.runtime import ShapeTuple
 
 from qwen3c.errors import RequestError
-
-_add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
-_remove_sequence = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
-_fork_sequence = tvm.get_global_func("vm.builtin.kv_state_fork_sequence")
-_begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
-_end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
-_available_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+from qwen3c.runtime.executor import Executor
 
 
 class PagedKVCache:
-    def __init__(self, vm: tvm.relax.VirtualMachine, *, max_batch_size: int,
-                 capacity_tokens: int, prefill_chunk_size: int, page_size: int = 16):
+    """One cache for all sequences; on a sharded model each worker holds its kv heads' slice,
+    and every operation here is applied to all slices alike."""
+
+    def __init__(self, executor: Executor, *, max_batch_size: int, capacity_tokens: int,
+                 prefill_chunk_size: int, page_size: int = 16):
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = prefill_chunk_size
         self.page_size = page_size
-        self.handle = vm["create_paged_kv_cache"](
-            ShapeTuple([max_batch_size]), ShapeTuple([capacity_tokens]),
-            ShapeTuple([prefill_chunk_size]), ShapeTuple([page_size]), ShapeTuple([0]))
+        self._executor = executor
+        self.handle = executor.create_kv_cache(max_batch_size, capacity_tokens,
+                                               prefill_chunk_size, page_size, 0)
         self.lengths: dict[int, int] = {}
         self._next_id = 0
 
+    def _call(self, builtin: str, *args) -> object:
+        return self._executor.builtin(f"vm.builtin.{builtin}", self.handle, *args)
+
     def free_pages(self) -> int:
-        return int(_available_pages(self.handle))
+        return int(self._call("attention_kv_cache_get_num_available_pages"))
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
 
     def add_sequence(self) -> int:
         seq_id = self._new_id()
-        _add_sequence(self.handle, seq_id)
+        self._call("kv_state_add_sequence", seq_id)
         self.lengths[seq_id] = 0
         return seq_id
 
@@ -54,7 +53,7 @@ class PagedKVCache:
             raise ValueError(f"cannot fork {length} tokens of a {self.lengths[parent]}-token "
                              "sequence")
         seq_id = self._new_id()
-        _fork_sequence(self.handle, parent, seq_id, length)
+        self._call("kv_state_fork_sequence", parent, seq_id, length)
         self.lengths[seq_id] = length
         return seq_id
 
@@ -63,7 +62,7 @@ class PagedKVCache:
         return self._next_id - 1
 
     def remove_sequence(self, seq_id: int) -> None:
-        _remove_sequence(self.handle, seq_id)
+        self._call("kv_state_remove_sequence", seq_id)
         del self.lengths[seq_id]
 
     @contextmanager
@@ -78,10 +77,10 @@ class PagedKVCache:
                 f"the KV cache is full: this step needs {needed} more pages of {self.page_size} "
                 f"tokens, {self.free_pages()} are free; use fewer or shorter requests, or load "
                 "the model with a larger kv_cache_tokens")
-        _begin_forward(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+        self._call("kv_state_begin_forward", ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
         try:
             yield
         finally:
-            _end_forward(self.handle)
+            self._call("kv_state_end_forward")
         for seq_id, n in zip(seq_ids, lengths, strict=True):
             self.lengths[seq_id] += n

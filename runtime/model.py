@@ -8,16 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import tvm
 
 from qwen3c.errors import RequestError
-from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params, read_manifest, verify_artifact
+from qwen3c.runtime.artifact import Manifest, read_manifest, verify_artifact
+from qwen3c.runtime.executor import open_executor
 from qwen3c.runtime.kv_cache import PagedKVCache
 from qwen3c.runtime.router_stats import LayerRouting, RouterStatsAccumulator
 from qwen3c.runtime.sampling import Sampler, SamplingParams
 from qwen3c.runtime.sequence import SequenceState
 from qwen3c.runtime.tokenizer import Tokenizer
-from qwen3c.targets import get_target
 
 Prompt = str | Sequence[int]
 GREEDY = SamplingParams()
@@ -50,22 +49,19 @@ class GenerationResult:
 
 class Model:
     def __init__(self, directory: Path, manifest: Manifest, *, max_batch_size: int = 8,
-                 kv_cache_tokens: int | None = None, threads: int | None = None):
+                 kv_cache_tokens: int | None = None, threads: int | None = None,
+                 devices: str | None = None):
         verify_artifact(directory, manifest)
         self.manifest = manifest
-        target = get_target(manifest.target.name)
-        self.threads = target.configure_threads(threads)
-        device = target.device()
-        self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(directory / LIBRARY)),
-                                            device)
-        self._params = load_params(directory, manifest, device)
+        self.executor = open_executor(directory, manifest, devices, threads)
+        self.threads = self.executor.threads
         self.tokenizer = Tokenizer.from_dir(directory)
         self.config = manifest.config()
         self.vocab_size = self.config.vocab_size
         self.context_length = manifest.context_length
         self.eos_token_ids = frozenset(self.config.eos_token_ids)
         self.kv_cache = PagedKVCache(
-            self._vm, max_batch_size=max_batch_size,
+            self.executor, max_batch_size=max_batch_size,
             capacity_tokens=kv_cache_tokens or self.context_length,
             prefill_chunk_size=manifest.prefill_chunk_size)
         self._router_stats: RouterStatsAccumulator | None = None
@@ -241,24 +237,36 @@ class Model:
                                  timings) for s in seqs]
 
     def _call(self, entry: str, ids: list[int], positions: list[int] | None = None) -> np.ndarray:
-        args = [tvm.runtime.tensor(np.asarray(ids, dtype=np.int32))]
+        inputs = [np.asarray(ids, dtype=np.int32)]
         if positions is not None:
-            args.append(tvm.runtime.tensor(np.asarray(positions, dtype=np.int32)))
+            inputs.append(np.asarray(positions, dtype=np.int32))
         if self._router_stats is None:
-            return self._vm[entry](*args, self.kv_cache.handle, self._params).numpy()
-        logits, stats = self._vm[f"{entry}_router_stats"](*args, self.kv_cache.handle,
-                                                          self._params)
-        self._router_stats.add(stats.numpy())
-        return logits.numpy()
+            return self.executor.run(entry, inputs, self.kv_cache.handle)[0]
+        logits, stats = self.executor.run(f"{entry}_router_stats", inputs, self.kv_cache.handle,
+                                          outputs=2)
+        self._router_stats.add(stats)
+        return logits
+
+    def close(self) -> None:
+        """Stop the workers of a sharded model (a no-op for one device); later calls fail."""
+        self.executor.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load(path: str | Path, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
-         threads: int | None = None) -> Model:
+         threads: int | None = None, devices: str | None = None) -> Model:
     """Load an artifact (its directory or its model.so) after checking it can run here.
 
-    ``threads`` (default: TVM_NUM_THREADS, else the physical cores) takes effect only in a
-    process that has not run a TVM kernel yet: TVM's thread pool is sized once.
+    ``threads`` (default: TVM_NUM_THREADS, else the physical cores, shared out among the
+    workers of a sharded artifact) takes effect only in a process that has not run a TVM kernel
+    yet: TVM's thread pool is sized once. ``devices`` (``cpu:0,cpu:1``) places the shards of an
+    artifact compiled with ``--tensor-parallel N``; by default they go to devices 0..N-1.
     """
     directory, manifest = read_manifest(path)
     return Model(directory, manifest, max_batch_size=max_batch_size,
-                 kv_cache_tokens=kv_cache_tokens, threads=threads)
+                 kv_cache_tokens=kv_cache_tokens, threads=threads, devices=devices)

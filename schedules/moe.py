@@ -68,11 +68,14 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
 
 
 def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
-    """A stable counting sort of the (token, slot) pairs by expert."""
+    """A stable counting sort of the (token, slot) pairs by expert, over the ``num_experts``
+    local experts ``first[0] ..``: pairs routed to other experts (held by other shards under
+    expert parallelism) are left out, so rows past ``offsets[E]`` of ``order`` are unused."""
     E, K = num_experts, top_k
 
     @T.prim_func(private=True, s_tir=True)
-    def group(var_experts: T.handle, var_offsets: T.handle, var_order: T.handle):
+    def group(var_experts: T.handle, first: T.Buffer((1,), "int64"), var_offsets: T.handle,
+              var_order: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
@@ -80,16 +83,21 @@ def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         with T.sblock("group"):
             cursor = T.sblock_alloc_buffer((E,), "int32")
+            local = T.sblock_alloc_buffer((1,), "int64")
             for e in range(E + 1):
                 offsets[e] = 0
             for t, s in T.grid(n, K):
-                offsets[experts[t, s] + 1] = offsets[experts[t, s] + 1] + 1
+                local[0] = T.Cast("int64", experts[t, s]) - first[0]
+                if local[0] >= 0 and local[0] < E:
+                    offsets[local[0] + 1] = offsets[local[0] + 1] + 1
             for e in range(E):
                 offsets[e + 1] = offsets[e + 1] + offsets[e]
                 cursor[e] = offsets[e]
             for t, s in T.grid(n, K):
-                order[cursor[experts[t, s]]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
-                cursor[experts[t, s]] = cursor[experts[t, s]] + 1
+                local[0] = T.Cast("int64", experts[t, s]) - first[0]
+                if local[0] >= 0 and local[0] < E:
+                    order[cursor[local[0]]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
+                    cursor[local[0]] = cursor[local[0]] + 1
 
     return group
 

@@ -43,6 +43,7 @@ class Target(ABC):
     name: str
     description: str
     verified: str  # what has actually been executed for this target, in plain words
+    device_kind: str  # as written in --devices: "cpu", "cuda"
 
     @abstractmethod
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
@@ -65,9 +66,15 @@ class Target(ABC):
     def device(self) -> tvm.runtime.Device: ...
 
     @abstractmethod
-    def configure_threads(self, threads: int | None) -> int | None:
-        """Set how many host threads the runtime's kernels use, before the first kernel runs;
-        return that number (None where the kernels do not run on host threads)."""
+    def configure_threads(self, threads: int | None, workers: int = 1) -> int | None:
+        """Set how many host threads the runtime's kernels use in each of ``workers``
+        processes sharing this host, before the first kernel runs; return that number (None
+        where the kernels do not run on host threads)."""
+
+    @abstractmethod
+    def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
+        """Connect the workers of a disco ``session`` through this target's collective library
+        (``scratch`` is a private directory that lives as long as the session)."""
 
     @abstractmethod
     def check_runnable(self, choice: TargetChoice) -> None:

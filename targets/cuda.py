@@ -7,6 +7,7 @@ TVM compiles for the device when the artifact is loaded on a machine with one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -21,6 +22,7 @@ ARCHS = ("sm_80", "sm_90")
 class CudaTarget(Target):
     name = "cuda"
     description = "NVIDIA GPUs (sm_80, sm_90) via TVM's CUDA codegen and dlight schedules"
+    device_kind = "cuda"
     verified = ("dense Qwen3 compiled here for sm_80/sm_90 in float16/bfloat16/float32; "
                 "never run (no GPU on the build machines); MoE not supported yet")
 
@@ -58,9 +60,15 @@ class CudaTarget(Target):
     def device(self) -> tvm.runtime.Device:
         return tvm.cuda(0)
 
-    def configure_threads(self, threads: int | None) -> None:
+    def configure_threads(self, threads: int | None, workers: int = 1) -> None:
         """GPU kernels do not use the host thread pool."""
         return None
+
+    def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
+        if tvm.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
+            raise TargetError("running on several GPUs needs NCCL, and this TVM build has none "
+                              "(build TVM with USE_NCCL=ON)")
+        session.init_ccl("nccl", *device_ids)
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if not tvm.cuda(0).exist:

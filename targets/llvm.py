@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -47,6 +48,7 @@ def physical_cores() -> int:
 class LlvmTarget(Target):
     name = "llvm"
     description = "CPU via LLVM (x86-64; vectorised for the build host's CPU unless --cpu is given)"
+    device_kind = "cpu"
     verified = "x86-64: compiled and run here, logits checked against HF transformers"
 
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
@@ -118,16 +120,26 @@ class LlvmTarget(Target):
     def device(self) -> tvm.runtime.Device:
         return tvm.cpu()
 
-    def configure_threads(self, threads: int | None) -> int:
+    def configure_threads(self, threads: int | None, workers: int = 1) -> int:
         """TVM's pool reads TVM_NUM_THREADS once, when it starts; unset, it assumes x86 has
-        hyper-threading and halves the CPU count (one thread on a 2-core machine)."""
+        hyper-threading and halves the CPU count (one thread on a 2-core machine). Workers
+        of a sharded model share the cores."""
         if threads is not None:
             if threads < 1:
                 raise TargetError(f"threads must be >= 1, got {threads}")
             os.environ["TVM_NUM_THREADS"] = str(threads)
+        elif workers > 1:
+            os.environ["TVM_NUM_THREADS"] = str(max(1, physical_cores() // workers))
         else:
             os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
         return int(os.environ["TVM_NUM_THREADS"])
+
+    def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
+        """TVM has no CPU collectives: qwen3c's gloo ones (``runtime/collectives.py``)."""
+        import qwen3c.runtime.collectives  # noqa: F401 (registers them in the driver)
+
+        init = session.get_global_func("qwen3c.collectives.init")
+        init(str(scratch / "gloo-store"), len(device_ids))
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if choice.arch != host_arch():

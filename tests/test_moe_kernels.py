@@ -11,14 +11,15 @@ from qwen3c.schedules import moe
 from qwen3c.targets import get_target
 
 E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
+FIRST_EXPERT_0 = np.zeros(1, np.int64)
 
 
-def build(normalize: bool, dtype: str):
+def build(normalize: bool, dtype: str, local_experts: int = E):
     funcs = {
         "route": moe.moe_route(E, K, normalize),
-        "group": moe.moe_group(E, K),
-        "gate_up": moe.moe_gate_up_silu(E, K, H, I, dtype),
-        "down": moe.moe_down_scatter(E, K, H, I, dtype),
+        "group": moe.moe_group(local_experts, K),
+        "gate_up": moe.moe_gate_up_silu(local_experts, K, H, I, dtype),
+        "down": moe.moe_down_scatter(local_experts, K, H, I, dtype),
     }
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     backend = get_target("llvm")
@@ -75,7 +76,7 @@ def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n):
     w_gate_up = (rng.normal(size=(E, 2 * I, H)) * 0.3).astype(np_dtype)
     w_down = (rng.normal(size=(E, H, I)) * 0.3).astype(np_dtype)
 
-    offsets, order = run(lib, "group", experts,
+    offsets, order = run(lib, "group", experts, FIRST_EXPERT_0,
                          outputs=[((E + 1,), "int32"), ((n * K,), "int32")])
     counts = np.bincount(experts.reshape(-1), minlength=E)
     np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
@@ -95,3 +96,35 @@ def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n):
             expected[t] += routing_weights[t, s] * (w2[e] @ hidden)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out, expected, atol=tolerance * scale, rtol=tolerance)
+
+
+@pytest.mark.parametrize("routing", ["spread", "crowded"])
+def test_expert_shards_sum_to_the_whole(routing):
+    """Expert parallelism: each shard groups only its own experts, and the shards' outputs
+    add up to the output over all experts."""
+    n, half = 13, E // 2
+    whole, shard = build(True, "float32"), build(True, "float32", local_experts=half)
+    rng = np.random.default_rng(3)
+    experts = routings(n)[routing]
+    routing_weights = rng.uniform(0.1, 1.0, (n, K)).astype(np.float32)
+    x = rng.normal(size=(n, H)).astype(np.float32)
+    w_gate_up = rng.normal(size=(E, 2 * I, H)).astype(np.float32)
+    w_down = rng.normal(size=(E, H, I)).astype(np.float32)
+
+    def mlp(lib, first: int, experts_held: slice) -> np.ndarray:
+        local = lib is shard
+        offsets, order = run(lib, "group", experts, np.array([first], np.int64),
+                             outputs=[((half + 1 if local else E + 1,), "int32"),
+                                      ((n * K,), "int32")])
+        if local:
+            held = (experts >= first) & (experts < first + half)
+            counts = np.bincount(experts[held] - first, minlength=half)
+            np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
+        (act,) = run(lib, "gate_up", x, w_gate_up[experts_held], offsets, order,
+                     outputs=[((n * K, I), "float32")])
+        return run(lib, "down", act, w_down[experts_held], offsets, order, routing_weights,
+                   outputs=[((n, H), "float32")])[0]
+
+    expected = mlp(whole, 0, slice(None))
+    shards = mlp(shard, 0, slice(0, half)) + mlp(shard, half, slice(half, E))
+    np.testing.assert_allclose(shards, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

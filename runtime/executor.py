@@ -1,0 +1,196 @@
+"""Where the compiled functions run: in this process, or on the workers of a sharded model.
+
+``Model`` and ``PagedKVCache`` talk only to an ``Executor``, so the same generation, batching
+and serving code drives one device or N. A sharded artifact runs on a TVM disco session: one
+worker per device (worker 0 is a thread of this process, the others are child processes), each
+holding its weight shard and its kv-head slice of the KV cache; every call is broadcast to all
+workers, and results are read from worker 0.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+
+from qwen3c.errors import TargetError, WorkerError
+from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params
+from qwen3c.runtime.worker_side import take_failure
+from qwen3c.runtime.workers import WorkerProcesses, disco_module
+from qwen3c.targets import Target, get_target
+
+WORKER_ENTRYPOINT = "qwen3c.runtime.workers"
+
+
+class Executor(ABC):
+    threads: int | None  # host threads per worker, where kernels run on host threads
+
+    @abstractmethod
+    def builtin(self, name: str, *args: Any) -> Any:
+        """Call the TVM global function ``name`` (KV-cache bookkeeping) on every shard; return
+        shard 0's result."""
+
+    @abstractmethod
+    def create_kv_cache(self, *sizes: int) -> Any:
+        """The compiled ``create_paged_kv_cache`` (each shard makes its slice)."""
+
+    @abstractmethod
+    def run(self, entry: str, inputs: Sequence[np.ndarray], kv_cache: Any,
+            outputs: int = 1) -> list[np.ndarray]:
+        """Call a compiled entry point with the weights appended; return its ``outputs``
+        results from shard 0 as numpy arrays."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release workers; a closed sharded executor refuses further calls."""
+
+
+class LocalExecutor(Executor):
+    def __init__(self, directory: Path, manifest: Manifest, device: tvm.runtime.Device,
+                 threads: int | None):
+        self.threads = threads
+        self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(directory / LIBRARY)),
+                                            device)
+        self._params = load_params(directory, manifest, device)
+
+    def builtin(self, name: str, *args: Any) -> Any:
+        return tvm.get_global_func(name)(*args)
+
+    def create_kv_cache(self, *sizes: int) -> Any:
+        return self._vm["create_paged_kv_cache"](*(ShapeTuple([s]) for s in sizes))
+
+    def run(self, entry: str, inputs: Sequence[np.ndarray], kv_cache: Any,
+            outputs: int = 1) -> list[np.ndarray]:
+        result = self._vm[entry](*(tvm.runtime.tensor(a) for a in inputs), kv_cache,
+                                 self._params)
+        return [result.numpy()] if outputs == 1 else [r.numpy() for r in result]
+
+    def close(self) -> None:
+        """Nothing to release: the VM and weights go with the last reference."""
+
+
+class ShardedExecutor(Executor):
+    """A disco session over N workers. A worker that dies or fails stops them all: every
+    later call raises ``WorkerError`` with the first failure."""
+
+    def __init__(self, directory: Path, manifest: Manifest, target: Target,
+                 device_ids: list[int], threads: int | None):
+        self.threads = threads
+        self._failure: str | None = None
+        self._scratch = tempfile.TemporaryDirectory(prefix="qwen3c-workers-")
+        self._workers = WorkerProcesses(len(device_ids))
+        disco_module()
+        self._session = tvm.get_global_func("runtime.disco.SessionProcess")(
+            len(device_ids), 1, self._workers.name, WORKER_ENTRYPOINT)
+        self._functions: dict[str, Any] = {}
+        try:
+            target.start_collectives(self._session, device_ids, Path(self._scratch.name))
+            self._module = self._session.load_vm_module(str(directory / LIBRARY))
+            self._params = self._function("qwen3c.worker.load_shard")(str(directory))
+            self._session.sync_worker_0()
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes (all but worker 0, which is a thread of this process)."""
+        return self._workers.pids()
+
+    def builtin(self, name: str, *args: Any) -> Any:
+        self._check_open()
+        result = self._function(name)(*args).debug_get_from_remote(0)
+        self._check()
+        return result
+
+    def create_kv_cache(self, *sizes: int) -> Any:
+        self._check_open()
+        cache = self._module["create_paged_kv_cache"](*(ShapeTuple([s]) for s in sizes))
+        self._session.sync_worker_0()
+        self._check()
+        return cache
+
+    def run(self, entry: str, inputs: Sequence[np.ndarray], kv_cache: Any,
+            outputs: int = 1) -> list[np.ndarray]:
+        self._check_open()
+        result = self._module[entry](*(self._session.broadcast(a) for a in inputs), kv_cache,
+                                     self._params)
+        items = [result] if outputs == 1 else [
+            self._function("vm.builtin.tuple_getitem")(result, i) for i in range(outputs)]
+        arrays = [item.debug_get_from_remote(0).numpy() for item in items]
+        self._check()
+        return arrays
+
+    def close(self) -> None:
+        """Stop the worker processes. The session object itself ends when its last reference
+        does; its pipes stay writable until then (see ``workers.py``)."""
+        self._workers.stop()
+        self._failure = self._failure or "the model was closed"
+        self._scratch.cleanup()
+
+    def _function(self, name: str) -> Any:
+        if name not in self._functions:
+            self._functions[name] = self._session.get_global_func(name)
+        return self._functions[name]
+
+    def _check_open(self) -> None:
+        if self._failure is None:
+            dead = self._workers.dead()
+            if dead:
+                self._fail(_describe_exits(dead))
+        if self._failure is not None:
+            raise WorkerError(f"the sharded model is stopped: {self._failure}")
+
+    def _check(self) -> None:
+        """After worker 0 finished a step: did it record a failure, or did a worker exit?"""
+        failure = take_failure()
+        dead = self._workers.dead()
+        if failure or dead:
+            self._fail("; ".join(filter(None, [_describe_exits(dead), failure])))
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        self._workers.stop()
+        raise WorkerError(f"a worker of the sharded model failed ({reason}); all workers were "
+                          "stopped; load the model again")
+
+
+def _describe_exits(dead: dict[int, int]) -> str:
+    return ", ".join(f"worker {wid} exited with code {code}" for wid, code in dead.items())
+
+
+def parse_devices(text: str, kind: str) -> list[int]:
+    """``cpu:0,cpu:1`` -> [0, 1]; every device must be of the artifact's ``kind``."""
+    ids = []
+    for item in text.split(","):
+        name, _, index = item.strip().partition(":")
+        if name != kind or not index.isdigit():
+            raise TargetError(f"--devices {text!r}: expected {kind}:INDEX items separated by "
+                              f"commas (this artifact runs on {kind}), e.g. {kind}:0,{kind}:1")
+        ids.append(int(index))
+    if len(set(ids)) != len(ids):
+        raise TargetError(f"--devices {text!r} names a device twice")
+    return ids
+
+
+def open_executor(directory: Path, manifest: Manifest, devices: str | None,
+                  threads: int | None) -> Executor:
+    """An executor for the artifact: local for one shard, a disco session for several."""
+    target = get_target(manifest.target.name)
+    shards = manifest.parallel.shards
+    ids = parse_devices(devices, target.device_kind) if devices else list(range(shards))
+    if len(ids) != shards:
+        raise TargetError(
+            f"this artifact was compiled for {shards} device(s) and --devices names "
+            f"{len(ids)}; recompile with --tensor-parallel {len(ids)} to use that many")
+    threads = target.configure_threads(threads, workers=shards)
+    if shards == 1:
+        return LocalExecutor(directory, manifest, tvm.device(target.device_kind, ids[0]),
+                             threads)
+    return ShardedExecutor(directory, manifest, target, ids, threads)
