@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import click
 from qwen3c.errors import Qwen3cError
 
 DTYPES = ["float32", "float16", "bfloat16"]
+
+threads_option = click.option(
+    "--threads", type=int, default=None,
+    help="CPU threads per worker (default: TVM_NUM_THREADS, else the physical cores, shared "
+         "out among the workers of a sharded artifact).")
+devices_option = click.option(
+    "--devices", default=None,
+    help="Devices of a sharded artifact, e.g. cpu:0,cpu:1 (default: devices 0..N-1 of its "
+         "target).")
 
 
 class _Group(click.Group):
@@ -44,22 +54,28 @@ def main() -> None:
 @click.option("--prefill-chunk", type=int, default=None, help="Tokens per prefill call.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Artifact directory to write.")
+@click.option("--tensor-parallel", type=int, default=1, show_default=True,
+              help="Cut the model over this many devices (heads, intermediate rows).")
+@click.option("--expert-parallel", is_flag=True,
+              help="MoE: partition the experts over the devices instead of cutting each.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pipeline phase into this directory.")
 def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
                     context_length: int | None, prefill_chunk: int | None, output: Path,
-                    dump_ir: Path | None) -> None:
+                    tensor_parallel: int, expert_parallel: bool, dump_ir: Path | None) -> None:
     """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
     from qwen3c.compile import compile_model
     from qwen3c.runtime.artifact import read_manifest
 
     out = compile_model(model_dir, target=target, dtype=dtype, output=output, arch=arch,
                         cpu=cpu, context_length=context_length,
-                        prefill_chunk_size=prefill_chunk, dump_ir=dump_ir)
+                        prefill_chunk_size=prefill_chunk, tensor_parallel=tensor_parallel,
+                        expert_parallel=expert_parallel, dump_ir=dump_ir)
     _, manifest = read_manifest(out)
+    shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
     click.echo(f"compiled {model_dir} -> {out / 'model.so'} "
                f"({manifest.target.name}/{manifest.target.arch}/{manifest.target.cpu}, "
-               f"{dtype}, {manifest.compile_seconds:.1f} s)")
+               f"{dtype}{shards}, {manifest.compile_seconds:.1f} s)")
 
 
 @main.command("run")
@@ -75,20 +91,20 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+@threads_option
+@devices_option
 @click.option("--router-stats", is_flag=True, help="MoE: print per-layer routing statistics.")
 @click.option("--router-stats-json", type=click.Path(path_type=Path), default=None,
               help="MoE: also write the routing statistics as JSON here.")
 def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_tokens: int,
                 temperature: float, top_k: int, top_p: float, seed: int | None,
-                stop: tuple[str, ...], threads: int | None, router_stats: bool,
-                router_stats_json: Path | None) -> None:
+                stop: tuple[str, ...], threads: int | None, devices: str | None,
+                router_stats: bool, router_stats_json: Path | None) -> None:
     """Generate text from PROMPT with a compiled ARTIFACT (its directory or model.so)."""
     import qwen3c
     from qwen3c.runtime.router_stats import format_router_table
 
-    model = qwen3c.load(artifact, threads=threads)
+    model = qwen3c.load(artifact, threads=threads, devices=devices)
     if router_stats or router_stats_json:
         model.enable_router_stats()
     if prompt is None:
@@ -147,16 +163,18 @@ def _chat_loop(model, temperature: float, top_k: int, top_p: float, seed: int | 
               help="Requests decoded together.")
 @click.option("--kv-cache-tokens", type=int, default=None,
               help="KV cache capacity in tokens (default: the context length).")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+@threads_option
+@devices_option
 def serve_command(artifact: Path, host: str, port: int, api_key: str | None, model_name: str,
-                  max_batch: int, kv_cache_tokens: int | None, threads: int | None) -> None:
+                  max_batch: int, kv_cache_tokens: int | None, threads: int | None,
+                  devices: str | None) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API."""
     from qwen3c.runtime.server import serve
 
     click.echo(f"serving {artifact} as {model_name!r} on http://{host}:{port}/v1", err=True)
     serve(str(artifact), host=host, port=port, api_key=api_key, model_name=model_name,
-          max_batch_size=max_batch, kv_cache_tokens=kv_cache_tokens, threads=threads)
+          max_batch_size=max_batch, kv_cache_tokens=kv_cache_tokens, threads=threads,
+          devices=devices)
 
 
 @main.command("targets")
@@ -187,8 +205,8 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         f"{model['hidden_size']}, heads {model['num_attention_heads']}/"
         f"{model['num_key_value_heads']} x {model['head_dim']}, vocab {model['vocab_size']}, "
         f"{'tied' if model['tie_word_embeddings'] else 'untied'} embeddings",
-        f"parameters    {n_params / 1e6:.1f} M in {len(manifest.params)} tensors, "
-        f"{manifest.dtype}, {len(manifest.weight_files)} weight file(s)",
+        f"parameters    {n_params / 1e6:.1f} M per shard in {len(manifest.params)} tensors, "
+        f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
         f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
         f"context       {manifest.context_length} tokens, prefill chunk "
         f"{manifest.prefill_chunk_size}",
@@ -199,7 +217,29 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
     ]
     for name, signature in manifest.entry_points.items():
         lines.append(f"  {name}({', '.join(signature['params'])}) -> {signature['returns']}")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(lines + _shard_layout(manifest)))
+
+
+def _shard_layout(manifest) -> list[str]:
+    """How each kind of parameter is cut over the shards (layers folded into one line)."""
+    parallel = manifest.parallel
+    if parallel.shards == 1:
+        return ["shards: 1 (compile with --tensor-parallel N to cut the model over N devices)"]
+    experts = "partitioned" if parallel.expert_parallel else "each cut by intermediate rows"
+    lines = [f"shards: {parallel.shards} (tensor parallel; MoE experts {experts})"]
+    kinds: dict[str, str] = {}
+    for param in manifest.params:
+        kind = re.sub(r"\.layers\.\d+\.", ".layers.*.", param.name)
+        shape = list(param.shape)
+        if param.shard is None:
+            kinds[kind] = f"{shape} replicated"
+        else:
+            whole = list(param.shard.full_shape(param.shape, parallel.shards))
+            parts = f" in parts {list(param.shard.segments)}" if param.shard.segments else ""
+            kinds[kind] = f"{whole} cut on axis {param.shard.dim}{parts} -> {shape} per shard"
+    width = max(map(len, kinds))
+    lines += [f"  {kind:{width}}  {layout}" for kind, layout in kinds.items()]
+    return lines
 
 
 @main.command("bench")
@@ -208,15 +248,19 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
               help="Comma-separated prompt lengths for prefill.")
 @click.option("--decode-tokens", type=int, default=64, show_default=True)
 @click.option("--runs", type=int, default=3, show_default=True, help="Median of this many.")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads (default: TVM_NUM_THREADS, else the physical cores).")
+@threads_option
+@devices_option
 @click.option("--vs-hf", "hf_dir", type=click.Path(path_type=Path), default=None,
               help="Also time HF transformers eager on this checkpoint, in the same run.")
+@click.option("--vs-artifact", "other", type=click.Path(path_type=Path), default=None,
+              help="Also time another artifact of the model (e.g. unsharded), in the same run.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON here.")
 def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
-                  threads: int | None, hf_dir: Path | None, json_path: Path | None) -> None:
-    """Decode and prefill tokens/s of ARTIFACT, optionally beside HF transformers."""
+                  threads: int | None, devices: str | None, hf_dir: Path | None,
+                  other: Path | None, json_path: Path | None) -> None:
+    """Decode and prefill tokens/s of ARTIFACT, optionally beside HF transformers or another
+    artifact."""
     import qwen3c
     from qwen3c.runtime import bench
 
@@ -224,10 +268,14 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         lengths = [int(n) for n in prompt_lengths.split(",")]
     except ValueError:
         raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
-    model = qwen3c.load(artifact, threads=threads)
-    prompts = bench.random_prompts(model.vocab_size, lengths)
-    decode_prompt = bench.random_prompts(model.vocab_size, [32], seed=1)[32]
-    rows = bench.bench_qwen3c(model, prompts, decode_prompt, decode_tokens, runs)
+    other_rows = []
+    if other is not None:  # first: a sharded artifact would resize this process's threads
+        with qwen3c.load(other, threads=threads) as other_model:
+            other_rows = bench.bench_qwen3c(other_model, *bench.standard_prompts(
+                other_model.vocab_size, lengths), decode_tokens, runs)
+    model = qwen3c.load(artifact, threads=threads, devices=devices)
+    prompts, decode_prompt = bench.standard_prompts(model.vocab_size, lengths)
+    rows = bench.bench_qwen3c(model, prompts, decode_prompt, decode_tokens, runs) + other_rows
     threads_used = model.threads
     if hf_dir is not None:
         rows += bench.bench_hf(hf_dir, model.manifest.dtype, threads_used, prompts,

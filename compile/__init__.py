@@ -136,7 +136,13 @@ def _entry_points(mod: tvm.IRModule) -> dict[str, dict[str, object]]:
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function) and func.attrs and "global_symbol" in func.attrs:
             entries[gvar.name_hint] = {
-                "params": [f"{p.name}: {p.ty}" for p in func.params],
+                "params": [_describe_param(p) for p in func.params],
                 "returns": str(func.ret_ty),
             }
     return entries
+
+
+def _describe_param(param: relax.Var) -> str:
+    if param.name == "packed_params":  # the weights: listed in the manifest's params
+        return f"packed_params: {len(param.ty.fields)} weight tensors"
+    return f"{param.name}: {param.ty}"

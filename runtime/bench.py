@@ -26,6 +26,9 @@ class BenchRow:
 
 def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
                  decode_tokens: int, runs: int) -> list[BenchRow]:
+    shards = model.manifest.parallel.shards
+    engine = "qwen3c" if shards == 1 else f"qwen3c-tp{shards}"
+
     def decode_rate() -> float:
         timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings
         return timings.decode_tokens_per_s
@@ -34,8 +37,8 @@ def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: lis
         return lambda: model.generate(ids, max_new_tokens=1).timings.prefill_tokens_per_s
 
     model.generate(decode_prompt, max_new_tokens=4)  # warm-up: first-call allocations
-    rows = [BenchRow("qwen3c", "decode", _median(decode_rate, runs))]
-    rows += [BenchRow("qwen3c", f"prefill-{n}", _median(prefill_rate(ids), runs))
+    rows = [BenchRow(engine, "decode", _median(decode_rate, runs))]
+    rows += [BenchRow(engine, f"prefill-{n}", _median(prefill_rate(ids), runs))
              for n, ids in prompts.items()]
     return rows
 
@@ -63,6 +66,13 @@ def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> dict[int, list[int]]:
     rng = np.random.default_rng(seed)
     return {n: rng.integers(0, vocab_size, n).tolist() for n in lengths}
+
+
+def standard_prompts(vocab_size: int,
+                     lengths: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+    """The prefill prompts of the given lengths, and the 32-token prompt decode starts from:
+    the same for every engine of a run."""
+    return random_prompts(vocab_size, lengths), random_prompts(vocab_size, [32], seed=1)[32]
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -15,6 +15,7 @@ prefills only the rest.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from qwen3c.errors import Qwen3cError, RequestError
+from qwen3c.errors import Qwen3cError, RequestError, WorkerError
 from qwen3c.runtime.model import Model
 from qwen3c.runtime.sampling import SamplingParams
 from qwen3c.runtime.sequence import SequenceState, TokenLogprob
@@ -94,6 +95,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # set when the model's workers died: nothing runs
         self.total_pages = self.kv.free_pages()
         self._recent: collections.deque[float] = collections.deque()  # token timestamps
 
@@ -111,7 +113,10 @@ class Engine:
             self._thread.join()
 
     def submit(self, request: Request) -> None:
-        """Queue a request, or raise ``RequestError`` if it can never be served."""
+        """Queue a request, or raise ``RequestError`` if it can never be served (or
+        ``WorkerError`` once the model has failed)."""
+        if self.failure is not None:
+            raise WorkerError(self.failure)
         self.model.checked_ids(request.prompt_ids)
         if request.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
@@ -161,6 +166,11 @@ class Engine:
                 cancelled, self._cancelled = self._cancelled, set()
             try:
                 self._step(cancelled)
+            except WorkerError as err:  # the model is gone: fail everything, refuse the rest
+                self.failure = str(err)
+                self._fail_all(self.failure)
+                log.error("the model failed; the server can no longer generate: %s", err)
+                break
             except Qwen3cError as err:  # fail the batch's requests, keep serving
                 self._fail_all(str(err))
             except Exception as bug:  # a qwen3c bug: log it, but never leave clients hanging
@@ -276,7 +286,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for running in self._running:
             self._emit(running, error=message)
-            self.kv.remove_sequence(running.seq.seq_id)
+            with contextlib.suppress(WorkerError):  # a dead model has no cache to clean
+                self.kv.remove_sequence(running.seq.seq_id)
         self._running = []
         for request in [*self._waiting, *self._incoming]:
             request.on_event(RequestEvent("", [], [], "error", len(request.prompt_ids), 0,

@@ -145,7 +145,7 @@ class ShardedExecutor(Executor):
             if dead:
                 self._fail(_describe_exits(dead))
         if self._failure is not None:
-            raise WorkerError(f"the sharded model is stopped: {self._failure}")
+            raise WorkerError(_stopped_message(self._failure))
 
     def _check(self) -> None:
         """After worker 0 finished a step: did it record a failure, or did a worker exit?"""
@@ -157,8 +157,11 @@ class ShardedExecutor(Executor):
     def _fail(self, reason: str) -> None:
         self._failure = reason
         self._workers.stop()
-        raise WorkerError(f"a worker of the sharded model failed ({reason}); all workers were "
-                          "stopped; load the model again")
+        raise WorkerError(_stopped_message(reason))
+
+
+def _stopped_message(reason: str) -> str:
+    return f"the sharded model's workers are stopped ({reason}); load the model again"
 
 
 def _describe_exits(dead: dict[int, int]) -> str:

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwen3c.errors import RequestError
+from qwen3c.errors import RequestError, WorkerError
 from qwen3c.runtime.chat import chat_prompt
 from qwen3c.runtime.engine import Engine, RequestEvent
 from qwen3c.runtime.engine import Request as EngineRequest
@@ -95,14 +95,15 @@ class ApiError(Exception):
 
 def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch_size: int = 8,
-          kv_cache_tokens: int | None = None, threads: int | None = None) -> None:
+          kv_cache_tokens: int | None = None, threads: int | None = None,
+          devices: str | None = None) -> None:
     """Load the artifact and serve it until interrupted."""
     import uvicorn
 
     from qwen3c.runtime.model import load
 
     model = load(artifact, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
-                 threads=threads)
+                 threads=threads, devices=devices)
     engine = Engine(model)
     engine.start()
     name = model_name or "qwen3c"
@@ -111,6 +112,7 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000,
                     port=port, log_level="warning")
     finally:
         engine.stop()
+        model.close()
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
@@ -146,6 +148,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        if engine.failure is not None:
+            return JSONResponse(status_code=503, content={"status": "failed",
+                                                          "error": engine.failure})
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -224,6 +229,8 @@ async def _serve(engine: Engine, request: Request, body: _SamplingBody, prompt_i
         for r in submitted:
             engine.cancel(r.request_id)
         raise ApiError(400, str(err)) from None
+    except WorkerError as err:
+        raise ApiError(503, str(err), "server_error") from None
     response = _Response(engine.model, body, chat, len(prompt_ids))
     if body.stream:
         return StreamingResponse(_stream(engine, request, queue, submitted, response),
