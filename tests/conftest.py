@@ -3,9 +3,16 @@ compiled artifacts (compiled once per session and configuration)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -79,3 +86,36 @@ def tiny_checkpoint(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(make_artifact, tiny_checkpoint) -> qwen3c.runtime.Model:
     return qwen3c.load(make_artifact(tiny_checkpoint))
+
+
+@contextlib.contextmanager
+def live_server(artifact: Path, *options: str) -> Iterator[str]:
+    """``qwen3c serve ARTIFACT OPTIONS`` in a subprocess on a free port; yields its base URL
+    once /health answers, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwen3c.cli", "serve", str(artifact), "--port", str(port),
+         *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {process.stderr.read()}")
+    else:
+        process.kill()
+        pytest.fail("server did not answer /health in 120 s")
+    try:
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

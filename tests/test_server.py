@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import live_server
 
 import qwen3c
 
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +23,8 @@ def artifact(make_artifact, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qwen3c.cli", "serve", str(artifact), "--port", str(port),
-         "--api-key", API_KEY, "--max-batch", "8"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stderr.read()}")
-    else:
-        process.kill()
-        pytest.fail("server did not answer /health in 120 s")
-    yield base
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with live_server(artifact, "--api-key", API_KEY, "--max-batch", "8") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
