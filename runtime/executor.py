@@ -9,6 +9,7 @@ workers, and results are read from worker 0.
 
 from __future__ import annotations
 
+import atexit
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -84,24 +85,28 @@ class ShardedExecutor(Executor):
         self.threads = threads
         self._failure: str | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="qwen3c-workers-")
-        self._workers = WorkerProcesses(len(device_ids))
+        self._workers = WorkerProcesses(len(device_ids), target.worker_launcher())
         disco_module()
         self._session = tvm.get_global_func("runtime.disco.SessionProcess")(
             len(device_ids), 1, self._workers.name, WORKER_ENTRYPOINT)
         self._functions: dict[str, Any] = {}
+        atexit.register(self.close)  # workers exit cleanly even if the model is never closed
         try:
             target.start_collectives(self._session, device_ids, Path(self._scratch.name))
             self._module = self._session.load_vm_module(str(directory / LIBRARY))
             self._params = self._function("qwen3c.worker.load_shard")(str(directory))
             self._session.sync_worker_0()
             self._check()
+            pids = self._function("qwen3c.worker.pid")()
+            for worker in range(1, len(device_ids)):
+                self._workers.worker_pids[worker] = pids.debug_get_from_remote(worker)
         except BaseException:
             self.close()
             raise
 
     def worker_pids(self) -> list[int]:
         """The worker processes (all but worker 0, which is a thread of this process)."""
-        return self._workers.pids()
+        return list(self._workers.worker_pids.values())
 
     def builtin(self, name: str, *args: Any) -> Any:
         self._check_open()
@@ -128,10 +133,16 @@ class ShardedExecutor(Executor):
         return arrays
 
     def close(self) -> None:
-        """Stop the worker processes. The session object itself ends when its last reference
-        does; its pipes stay writable until then (see ``workers.py``)."""
-        self._workers.stop()
-        self._failure = self._failure or "the model was closed"
+        """Let the workers finish (or stop them, after a failure). The session object itself
+        ends when its last reference does; its pipes stay writable until then (see
+        ``workers.py``)."""
+        if self._workers.stopped:
+            return
+        grace_s = 0.0
+        if self._failure is None:
+            self._session.shutdown()  # each worker leaves its loop and exits
+            self._failure, grace_s = "the model was closed", 5.0
+        self._workers.stop(grace_s)
         self._scratch.cleanup()
 
     def _function(self, name: str) -> Any:
@@ -164,8 +175,8 @@ def _stopped_message(reason: str) -> str:
     return f"the sharded model's workers are stopped ({reason}); load the model again"
 
 
-def _describe_exits(dead: dict[int, int]) -> str:
-    return ", ".join(f"worker {wid} exited with code {code}" for wid, code in dead.items())
+def _describe_exits(dead: dict[int, str]) -> str:
+    return ", ".join(f"worker {wid} {how}" for wid, how in dead.items())
 
 
 def parse_devices(text: str, kind: str) -> list[int]:

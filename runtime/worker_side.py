@@ -11,6 +11,7 @@ process, and the driver sees the process gone.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,14 @@ def take_failure() -> str | None:
         failure = _failures[0] if _failures else None
         _failures.clear()
     return failure
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def worker_id() -> int:
@@ -61,3 +70,8 @@ def load_shard(directory: str) -> list[tvm.runtime.Tensor]:
     artifact, manifest = read_manifest(Path(directory))
     device = tvm.get_global_func("runtime.disco.device")()
     return load_params(artifact, manifest, device, shard=worker_id())
+
+
+@tvm_ffi.register_global_func("qwen3c.worker.pid")
+def process_id() -> int:
+    return os.getpid()

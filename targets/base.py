@@ -72,6 +72,11 @@ class Target(ABC):
         where the kernels do not run on host threads)."""
 
     @abstractmethod
+    def worker_launcher(self) -> list[str]:
+        """The command prefix that starts each worker process of a sharded model (empty when
+        a plain process will do)."""
+
+    @abstractmethod
     def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
         """Connect the workers of a disco ``session`` through this target's collective library
         (``scratch`` is a private directory that lives as long as the session)."""

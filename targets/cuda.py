@@ -64,6 +64,9 @@ class CudaTarget(Target):
         """GPU kernels do not use the host thread pool."""
         return None
 
+    def worker_launcher(self) -> list[str]:
+        return []
+
     def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
         if tvm.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
             raise TargetError("running on several GPUs needs NCCL, and this TVM build has none "

@@ -134,12 +134,16 @@ class LlvmTarget(Target):
             os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
         return int(os.environ["TVM_NUM_THREADS"])
 
-    def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
-        """TVM has no CPU collectives: qwen3c's gloo ones (``runtime/collectives.py``)."""
-        import qwen3c.runtime.collectives  # noqa: F401 (registers them in the driver)
+    def worker_launcher(self) -> list[str]:
+        """TVM has no CPU collectives; qwen3c's run on MPI, one MPI job per worker (importing
+        them registers them in this process, for worker 0)."""
+        from qwen3c.runtime import collectives
 
+        return collectives.worker_launcher()
+
+    def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
         init = session.get_global_func("qwen3c.collectives.init")
-        init(str(scratch / "gloo-store"), len(device_ids))
+        init(str(scratch), len(device_ids))
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if choice.arch != host_arch():
