@@ -66,6 +66,39 @@ def shard_index() -> Tensor:
     return nn.wrap_nested(rx.op.shape_to_tensor(worker_id), name="shard_index")
 
 
+class Embedding(nn.Module):
+    """The token table. Cut by vocabulary rows over the shards (``shards`` > 1): each shard
+    looks up the ids in its range, zeros the others, and the shards' rows are summed."""
+
+    def __init__(self, vocab_size: int, hidden: int, dtype: str, shards: int):
+        self.shards, self.rows = shards, vocab_size // shards
+        self.weight = nn.Parameter((self.rows, hidden), dtype)
+        if shards > 1:
+            shard(self.weight, 0)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.shards == 1:
+            return op.take(self.weight, ids, axis=0)
+        first_row = op.astype(shard_index(), "int32") * op.full((1,), self.rows, "int32")
+        local = ids - first_row
+        clipped = op.minimum(op.maximum(local, op.zeros((1,), "int32")),
+                             op.full((1,), self.rows - 1, "int32"))
+        mine = op.reshape(op.equal(clipped, local), (ids.shape[0], 1))  # in this shard's range
+        rows = op.take(self.weight, clipped, axis=0).astype(ACCUMULATE)
+        rows = op.where(mine, rows, op.zeros((1, 1), ACCUMULATE))
+        return op.ccl_allreduce(rows, "sum").astype(self.weight.dtype)
+
+
+def gather_vocab(logits: Tensor, shards: int) -> Tensor:
+    """[n, V/N] logits of each shard's vocabulary rows -> [n, V] on every shard."""
+    if shards == 1:
+        return logits
+    n, rows = logits.shape
+    gathered = op.ccl_allgather(logits, num_workers=shards)  # [N * n, V/N], shard-major
+    return op.reshape(op.permute_dims(op.reshape(gathered, (shards, n, rows)), [1, 0, 2]),
+                      (n, shards * rows))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) · w over the last axis, with the statistics in float32 as HF computes them."""
 
@@ -215,7 +248,8 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype,
+                                      parallel.vocab_shards(config.vocab_size))
         self.layers = nn.ModuleList([Qwen3DecoderLayer(config, dtype, parallel, i)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -237,16 +271,22 @@ class Qwen3ForCausalLM(nn.Module):
         self.dtype = dtype
         self.parallel = parallel
         self.model = Qwen3Model(config, dtype, parallel)
+        self.vocab_shards = parallel.vocab_shards(config.vocab_size)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
-                                     dtype=dtype, out_dtype=ACCUMULATE)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // self.vocab_shards,
+                                     bias=False, dtype=dtype, out_dtype=ACCUMULATE)
+            if self.vocab_shards > 1:
+                shard(self.lm_head.weight, 0)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Float32 logits; a tied head reuses the embedding matrix."""
+        """Float32 logits; a tied head reuses the embedding matrix. Each shard computes its
+        vocabulary rows' logits, gathered on every shard."""
         if self.config.tie_word_embeddings:
             table = op.permute_dims(self.model.embed_tokens.weight)
-            return op.matmul(hidden, table, out_dtype=ACCUMULATE)
-        return self.lm_head(hidden)
+            logits = op.matmul(hidden, table, out_dtype=ACCUMULATE)
+        else:
+            logits = self.lm_head(hidden)
+        return gather_vocab(logits, self.vocab_shards)
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache,
                 router_stats: RouterStats | None = None):

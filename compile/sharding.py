@@ -9,7 +9,9 @@ model sums partial results with an all-reduce after o_proj and after the MLP or 
     MLP         gate_up   split by intermediate (gate, up each)    down    split by its input
     MoE, TP     every expert split by intermediate as the MLP
     MoE, EP     experts partitioned: shard r holds experts [r·E/N, (r+1)·E/N)
-    replicated  embeddings, lm_head, norms, the router (every shard routes every token)
+    vocabulary  embed_tokens and lm_head split by vocabulary rows (when they divide evenly):
+                a lookup sums the shards' rows, the logits are gathered from all shards
+    replicated  norms, the router (every shard routes every token)
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class Parallelism:
             if size % n:
                 raise ConfigError(f"cannot split the model over {n} devices: {name} = {size} "
                                   f"is not divisible by {n}")
+
+    def vocab_shards(self, vocab_size: int) -> int:
+        """The embedding and lm_head are cut by vocabulary rows when the rows divide evenly,
+        else every shard holds them whole."""
+        return self.shards if vocab_size % self.shards == 0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

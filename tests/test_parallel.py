@@ -54,6 +54,14 @@ def test_tensor_parallel_dense_equals_unsharded(make_artifact, dense, shards):
     assert_same_model(make_artifact, dense, tensor_parallel=shards)
 
 
+@pytest.mark.parametrize("vocab_size", [600, 613])  # lm_head cut by rows / whole (613 is odd)
+def test_tensor_parallel_untied_head_equals_unsharded(make_checkpoint, make_artifact,
+                                                      vocab_size):
+    checkpoint = make_checkpoint(f"parallel-untied-{vocab_size}", tie_word_embeddings=False,
+                                 vocab_size=vocab_size)
+    assert_same_model(make_artifact, checkpoint, tensor_parallel=2)
+
+
 def test_tensor_parallel_moe_equals_unsharded(make_artifact, moe):
     assert_same_model(make_artifact, moe, tensor_parallel=2)
 
