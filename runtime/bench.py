@@ -26,8 +26,9 @@ class BenchRow:
 
 def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
                  decode_tokens: int, runs: int) -> list[BenchRow]:
-    shards = model.manifest.parallel.shards
-    engine = "qwen3c" if shards == 1 else f"qwen3c-tp{shards}"
+    parallel = model.manifest.parallel
+    engine = "qwen3c" if parallel.shards == 1 else (
+        f"qwen3c-{'ep' if parallel.expert_parallel else 'tp'}{parallel.shards}")
 
     def decode_rate() -> float:
         timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings

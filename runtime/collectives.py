@@ -3,8 +3,9 @@ through shared memory).
 
 TVM ships collectives for NCCL/RCCL only. Disco looks a collective up by name,
 ``runtime.disco.<ccl>.<op>``, where ``<ccl>`` is the library named at ``init_ccl`` and empty
-when none was; registering ``runtime.disco..allreduce``, ``..allgather`` and ``..broadcast_from_worker0``
-here gives CPU workers the collectives the model and the driver use. Tensors reach MPI through
+when none was; registering ``runtime.disco..allreduce``, ``..allgather`` and
+``..broadcast_from_worker0`` here gives CPU workers the collectives the model and the driver
+use. Tensors reach MPI through
 DLPack as numpy views: nothing is copied on the way.
 
 Why MPI: a 1 KB all-reduce between two processes took 3 µs with MPICH and 480 µs with
