@@ -23,8 +23,9 @@ class CudaTarget(Target):
     name = "cuda"
     description = "NVIDIA GPUs (sm_80, sm_90) via TVM's CUDA codegen and dlight schedules"
     device_kind = "cuda"
-    verified = ("dense Qwen3 compiled here for sm_80/sm_90 in float16/bfloat16/float32; "
-                "never run (no GPU on the build machines); MoE not supported yet")
+    verified = ("dense Qwen3 compiled here for sm_80/sm_90 in float16/bfloat16/float32, "
+                "also sharded (--tensor-parallel); never run (no GPU on the build machines; "
+                "several GPUs also need a TVM built with NCCL); MoE not supported yet")
 
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
         arch = arch or ARCHS[0]

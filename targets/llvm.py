@@ -49,7 +49,9 @@ class LlvmTarget(Target):
     name = "llvm"
     description = "CPU via LLVM (x86-64; vectorised for the build host's CPU unless --cpu is given)"
     device_kind = "cpu"
-    verified = "x86-64: compiled and run here, logits checked against HF transformers"
+    verified = ("x86-64: compiled and run here, logits checked against HF transformers; "
+                "sharded (--tensor-parallel 2/4, --expert-parallel) run on CPU worker "
+                "processes and checked against the unsharded model")
 
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
         arch = arch or host_arch()

@@ -20,6 +20,7 @@ import qwen3c
 from qwen3c.cli import main
 from qwen3c.compile.sharding import ShardSpec
 from qwen3c.errors import ConfigError, TargetError, WorkerError
+from qwen3c.runtime.artifact import read_manifest
 
 PROMPT = [5, 17, 230, 4, 99, 310, 42, 7, 120, 64, 8, 311, 2, 45, 97, 501, 33, 12, 250, 3]
 # Four kv heads, so the model can be cut four ways.
@@ -190,3 +191,14 @@ def test_cli_compiles_inspects_runs_and_serves_a_sharded_model(dense, make_artif
     refused = CliRunner().invoke(main, ["run", str(out), "--devices", "cpu:0", "--prompt", "x"])
     assert refused.exit_code == 1
     assert refused.output.startswith("error: this artifact was compiled for 2 device(s)")
+
+
+def test_cuda_sharded_artifact_builds_with_disco_collectives(dense, tmp_path):
+    """Compile-only (no GPU here): the per-shard library calls disco's collectives."""
+    out = qwen3c.compile_model(dense, target="cuda", arch="sm_90", dtype="float16",
+                               output=tmp_path / "cuda-tp2", tensor_parallel=2)
+    _, manifest = read_manifest(out)
+    assert (manifest.target.name, manifest.parallel.shards) == ("cuda", 2)
+    assert len(manifest.weight_files) == 2
+    library = (out / "model.so").read_bytes()
+    assert b"runtime.disco.allreduce" in library and b"runtime.disco.allgather" in library
