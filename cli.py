@@ -58,11 +58,16 @@ def main() -> None:
               help="Cut the model over this many devices (heads, intermediate rows).")
 @click.option("--expert-parallel", is_flag=True,
               help="MoE: partition the experts over the devices instead of cutting each.")
+@click.option("--quant", type=click.Choice(["q8", "q4"]), default=None,
+              help="Store the projections as group-wise int8 or int4 (lm_head int8).")
+@click.option("--quant-group", type=int, default=32, show_default=True,
+              help="Weights per quantization scale.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pipeline phase into this directory.")
 def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
                     context_length: int | None, prefill_chunk: int | None, output: Path,
-                    tensor_parallel: int, expert_parallel: bool, dump_ir: Path | None) -> None:
+                    tensor_parallel: int, expert_parallel: bool, quant: str | None,
+                    quant_group: int, dump_ir: Path | None) -> None:
     """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
     from qwen3c.compile import compile_model
     from qwen3c.runtime.artifact import read_manifest
@@ -70,9 +75,11 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
     out = compile_model(model_dir, target=target, dtype=dtype, output=output, arch=arch,
                         cpu=cpu, context_length=context_length,
                         prefill_chunk_size=prefill_chunk, tensor_parallel=tensor_parallel,
-                        expert_parallel=expert_parallel, dump_ir=dump_ir)
+                        expert_parallel=expert_parallel, quant=quant, quant_group=quant_group,
+                        dump_ir=dump_ir)
     _, manifest = read_manifest(out)
     shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
+    shards += f", {quant} (group {quant_group})" if quant else ""
     click.echo(f"compiled {model_dir} -> {out / 'model.so'} "
                f"({manifest.target.name}/{manifest.target.arch}/{manifest.target.cpu}, "
                f"{dtype}{shards}, {manifest.compile_seconds:.1f} s)")
@@ -207,6 +214,7 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         f"{'tied' if model['tie_word_embeddings'] else 'untied'} embeddings",
         f"parameters    {n_params / 1e6:.1f} M per shard in {len(manifest.params)} tensors, "
         f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
+        f"quantized     {_describe_quant(manifest.quant)}",
         f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
         f"context       {manifest.context_length} tokens, prefill chunk "
         f"{manifest.prefill_chunk_size}",
@@ -218,6 +226,13 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
     for name, signature in manifest.entry_points.items():
         lines.append(f"  {name}({', '.join(signature['params'])}) -> {signature['returns']}")
     click.echo("\n".join(lines + _shard_layout(manifest)))
+
+
+def _describe_quant(quant: dict[str, int] | None) -> str:
+    if quant is None:
+        return "no"
+    return (f"projections int{quant['bits']}, lm_head int8, group {quant['group']}, float16 "
+            "scales; embedding, norms, MoE router and experts in the model dtype")
 
 
 def _shard_layout(manifest) -> list[str]:
@@ -240,6 +255,26 @@ def _shard_layout(manifest) -> list[str]:
     width = max(map(len, kinds))
     lines += [f"  {kind:{width}}  {layout}" for kind, layout in kinds.items()]
     return lines
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--text-file", type=click.Path(path_type=Path), default=None,
+              help="Text to score instead of the built-in paragraph.")
+def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> None:
+    """Compare ARTIFACT's logits with HF transformers (float32) on MODEL_DIR."""
+    from qwen3c.verify import FIXED_TEXT, verify
+
+    text = text_file.read_text(encoding="utf-8") if text_file else FIXED_TEXT
+    result = verify(artifact, model_dir, text)
+    click.echo(f"{result.positions} positions of {'your text' if text_file else 'a fixed text'}"
+               f" vs HF transformers float32\n"
+               f"  top-1 agreement  {result.agreement:.3f}\n"
+               f"  mean KL(HF||us)  {result.kl:.2e} nats\n"
+               f"  perplexity       {result.perplexity:.3f} (HF: "
+               f"{result.reference_perplexity:.3f}, change "
+               f"{result.perplexity / result.reference_perplexity - 1:+.2%})")
 
 
 @main.command("bench")

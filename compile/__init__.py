@@ -11,8 +11,9 @@ from tvm import relax
 
 from qwen3c import __version__
 from qwen3c.compile.config import Qwen3Config, load_config
-from qwen3c.compile.model import Qwen3ForCausalLM
+from qwen3c.compile.model import Build, Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
+from qwen3c.compile.quantization import DEFAULT_GROUP, parse_scheme, quant_param
 from qwen3c.compile.sharding import Parallelism, shard_spec
 from qwen3c.compile.weights import (
     NUMPY_DTYPES,
@@ -36,12 +37,14 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                   output: str | Path, arch: str | None = None, cpu: str | None = None,
                   context_length: int | None = None, prefill_chunk_size: int | None = None,
                   tensor_parallel: int = 1, expert_parallel: bool = False,
+                  quant: str | None = None, quant_group: int = DEFAULT_GROUP,
                   dump_ir: str | Path | None = None) -> Path:
     """Compile a Qwen3 checkpoint into an artifact directory and return its path.
 
     With ``tensor_parallel`` N > 1 the library holds the functions of one shard (run by each of
     N workers) and the weights are cut into N sets; ``expert_parallel`` partitions MoE experts
-    over the shards instead of cutting every expert.
+    over the shards instead of cutting every expert. ``quant`` ("q8" or "q4") stores the
+    projections as group-wise integers (``compile/quantization.py``).
     """
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)
@@ -55,20 +58,24 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     backend.check_model(config)
     parallel = Parallelism(tensor_parallel, expert_parallel)
     parallel.check(config)
+    scheme = parse_scheme(quant, quant_group)
+    if scheme is not None:
+        backend.check_quantization(scheme, parallel)
     tvm_target = backend.tvm_target(choice)
 
     with tvm_target:
-        model = Qwen3ForCausalLM(config, dtype, parallel)
+        model = Qwen3ForCausalLM(config, Build(dtype, parallel, scheme))
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
-    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p))
+    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
+                        quant_param(p))
               for name, p in named_params]
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
-        check_coverage(checkpoint, [p.name for p in params], config.num_experts)
+        check_coverage(checkpoint, params, config)
         _prepare_output(output)
         weight_names = write_shards(
-            converted_params(checkpoint, params, config.num_experts, parallel.shards), output,
+            converted_params(checkpoint, params, config, parallel.shards), output,
             parallel.shards)
 
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
@@ -90,6 +97,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         prefill_chunk_size=prefill_chunk_size,
         entry_points=entry_points,
         parallel=parallel,
+        quant=None if scheme is None else {"bits": scheme.bits, "group": scheme.group},
         params=tuple(params),
         weight_files=tuple({name: sha256_file(output / name) for name in names}
                            for names in weight_names),

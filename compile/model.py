@@ -23,15 +23,20 @@ In Qwen3-MoE the MLP of most layers is a mixture of experts (``Qwen3MoeBlock``):
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import relax as rx
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
 from qwen3c.compile.config import Qwen3Config
+from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
-from qwen3c.schedules import moe
+from qwen3c.schedules import moe, quant
+from qwen3c.schedules.quant import QuantScheme
 
 ACCUMULATE = "float32"
 RouterStats = list[Tensor]  # one [3, E] tensor per MoE layer, gathered while tracing
@@ -58,6 +63,66 @@ class Linear(nn.Linear):
         if self.bias is not None:
             y = y + self.bias
         return y.astype(self.weight_dtype)
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ (+ b) with W stored as group-wise integers and float16 scales
+    (``schedules/quant.py``). A few tokens (decode, the logits rows) are multiplied straight
+    from the integers; many (prefill) rebuild W in the model dtype once per call and share the
+    tiled GEMM. Sums are float32; the result is in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
+                 scheme: QuantScheme, out_dtype: str | None = None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.scheme, self.out_dtype = dtype, scheme, out_dtype or dtype
+        self.weight = nn.Parameter(scheme.storage_shape(out_features, in_features),
+                                   scheme.storage_dtype)
+        self.weight_scale = nn.Parameter(scheme.scale_shape(out_features, in_features),
+                                         quant.SCALE_DTYPE)
+        mark_quantized(self.weight, self.weight_scale, scheme)
+        self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, K = self.out_features, self.in_features
+        if x.ndim == 2 or _is_one(x.shape[-2]):
+            flat = op.reshape(x, (-1, K))
+            y = op.tensor_ir_op(quant.dequant_gemv(N, K, self.scheme, self.dtype),
+                                "dequant_gemv", [flat, self.weight, self.weight_scale],
+                                Tensor.placeholder((flat.shape[0], N), ACCUMULATE))
+            y = op.reshape(y, (*x.shape[:-1], N))
+        else:
+            w = op.tensor_ir_op(quant.dequantize(N, K, self.scheme, self.dtype), "dequantize",
+                                [self.weight, self.weight_scale],
+                                Tensor.placeholder((N, K), self.dtype))
+            y = op.matmul(x, op.permute_dims(w), out_dtype=ACCUMULATE)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.astype(self.out_dtype)
+
+
+def _is_one(dim) -> bool:
+    return isinstance(dim, int | tirx.IntImm) and int(dim) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """What this copy of the model is: its storage dtype, the shard it computes, and the
+    quantization of its projections."""
+
+    dtype: str
+    parallel: Parallelism = SINGLE_DEVICE
+    quant: QuantScheme | None = None
+
+
+def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
+               all_reduce: bool = False) -> nn.Module:
+    """A quantized projection where the build asks for one and the shape fits its kernels."""
+    scheme = build.quant
+    if scheme is not None and scheme.fits(out_features, in_features) and not all_reduce:
+        return QuantLinear(in_features, out_features, bias=bias, dtype=build.dtype,
+                           scheme=scheme)
+    return Linear(in_features, out_features, bias=bias, dtype=build.dtype,
+                  all_reduce=all_reduce)
 
 
 def shard_index() -> Tensor:
@@ -113,20 +178,21 @@ class RMSNorm(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
-        self.num_heads = config.num_attention_heads // parallel.shards
-        self.num_kv_heads = config.num_key_value_heads // parallel.shards
+    def __init__(self, config: Qwen3Config, build: Build):
+        shards = build.parallel.shards
+        self.num_heads = config.num_attention_heads // shards
+        self.num_kv_heads = config.num_key_value_heads // shards
         self.head_dim = config.head_dim
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, q_rows + 2 * kv_rows,
-                               bias=config.attention_bias, dtype=dtype)
-        self.o_proj = Linear(q_rows, config.hidden_size, bias=config.attention_bias,
-                             dtype=dtype, all_reduce=parallel.shards > 1)
+        self.qkv_proj = projection(config.hidden_size, q_rows + 2 * kv_rows,
+                                   bias=config.attention_bias, build=build)
+        self.o_proj = projection(q_rows, config.hidden_size, bias=config.attention_bias,
+                                 build=build, all_reduce=shards > 1)
         for qkv_param in filter(None, (self.qkv_proj.weight, self.qkv_proj.bias)):
             shard(qkv_param, 0, q_rows, kv_rows, kv_rows)
         shard(self.o_proj.weight, 1)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, build.dtype)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, build.dtype)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         batch, seq_len, _ = x.shape
@@ -139,11 +205,12 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
-        rows = config.intermediate_size // parallel.shards
-        self.gate_up_proj = Linear(config.hidden_size, 2 * rows, bias=False, dtype=dtype)
-        self.down_proj = Linear(rows, config.hidden_size, bias=False, dtype=dtype,
-                                all_reduce=parallel.shards > 1)
+    def __init__(self, config: Qwen3Config, build: Build):
+        shards = build.parallel.shards
+        rows = config.intermediate_size // shards
+        self.gate_up_proj = projection(config.hidden_size, 2 * rows, bias=False, build=build)
+        self.down_proj = projection(rows, config.hidden_size, bias=False, build=build,
+                                    all_reduce=shards > 1)
         shard(self.gate_up_proj.weight, 0, rows, rows)
         shard(self.down_proj.weight, 1)
 
@@ -161,7 +228,8 @@ class Qwen3MoeExperts(nn.Module):
     that no token chose are not read at all (see ``schedules/moe.py``).
     """
 
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
+    def __init__(self, config: Qwen3Config, build: Build):
+        parallel, dtype = build.parallel, build.dtype
         expert_parallel = parallel.expert_parallel
         self.num_experts = config.num_experts // (parallel.shards if expert_parallel else 1)
         self.top_k = config.num_experts_per_tok
@@ -204,13 +272,14 @@ class Qwen3MoeExperts(nn.Module):
 
 
 class Qwen3MoeBlock(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
+    def __init__(self, config: Qwen3Config, build: Build):
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         # Router logits are rounded to the model dtype before the float32 softmax, as in HF.
-        self.gate = Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
-        self.experts = Qwen3MoeExperts(config, dtype, parallel)
-        self.all_reduce = parallel.shards > 1
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False,
+                           dtype=build.dtype)
+        self.experts = Qwen3MoeExperts(config, build)
+        self.all_reduce = build.parallel.shards > 1
 
     def forward(self, x: Tensor, router_stats: RouterStats | None = None) -> Tensor:
         batch, seq_len, hidden = x.shape
@@ -231,13 +300,14 @@ class Qwen3MoeBlock(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism, layer_id: int):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Qwen3Attention(config, dtype, parallel)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    def __init__(self, config: Qwen3Config, build: Build, layer_id: int):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, build.dtype)
+        self.self_attn = Qwen3Attention(config, build)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, build.dtype)
         self.is_moe = config.is_moe_layer(layer_id)
         mlp = Qwen3MoeBlock if self.is_moe else Qwen3MLP
-        self.mlp = mlp(config, dtype, parallel)
+        self.mlp = mlp(config, build)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int,
                 router_stats: RouterStats | None = None) -> Tensor:
@@ -247,12 +317,12 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism):
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype,
-                                      parallel.vocab_shards(config.vocab_size))
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, dtype, parallel, i)
+    def __init__(self, config: Qwen3Config, build: Build):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, build.dtype,
+                                      build.parallel.vocab_shards(config.vocab_size))
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, build, i)
                                      for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, build.dtype)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache,
                 router_stats: RouterStats | None = None) -> Tensor:
@@ -266,26 +336,32 @@ class Qwen3ForCausalLM(nn.Module):
     for MoE models also ``*_router_stats`` variants that return per-layer routing counts, so
     the plain entry points pay nothing for statistics."""
 
-    def __init__(self, config: Qwen3Config, dtype: str, parallel: Parallelism = SINGLE_DEVICE):
+    def __init__(self, config: Qwen3Config, build: Build):
         self.config = config
-        self.dtype = dtype
-        self.parallel = parallel
-        self.model = Qwen3Model(config, dtype, parallel)
-        self.vocab_shards = parallel.vocab_shards(config.vocab_size)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // self.vocab_shards,
-                                     bias=False, dtype=dtype, out_dtype=ACCUMULATE)
-            if self.vocab_shards > 1:
-                shard(self.lm_head.weight, 0)
+        self.dtype = build.dtype
+        self.parallel = build.parallel
+        self.model = Qwen3Model(config, build)
+        self.vocab_shards = build.parallel.vocab_shards(config.vocab_size)
+        rows = config.vocab_size // self.vocab_shards
+        head_scheme = QuantScheme(HEAD_BITS, build.quant.group) if build.quant else None
+        if head_scheme and head_scheme.fits(rows, config.hidden_size):
+            # Quantized models get an int8 head, a copy of the embedding table when tied.
+            self.lm_head = QuantLinear(config.hidden_size, rows, bias=False, dtype=build.dtype,
+                                       scheme=head_scheme, out_dtype=ACCUMULATE)
+        elif not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False, dtype=build.dtype,
+                                     out_dtype=ACCUMULATE)
+        if hasattr(self, "lm_head") and self.vocab_shards > 1:
+            shard(self.lm_head.weight, 0)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits; a tied head reuses the embedding matrix. Each shard computes its
         vocabulary rows' logits, gathered on every shard."""
-        if self.config.tie_word_embeddings:
+        if hasattr(self, "lm_head"):
+            logits = self.lm_head(hidden)
+        else:
             table = op.permute_dims(self.model.embed_tokens.weight)
             logits = op.matmul(hidden, table, out_dtype=ACCUMULATE)
-        else:
-            logits = self.lm_head(hidden)
         return gather_vocab(logits, self.vocab_shards)
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache,

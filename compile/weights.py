@@ -20,8 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import CheckpointError
 from qwen3c.runtime.artifact import ParamInfo
+from qwen3c.schedules.quant import quantize
 
 # Our fused module → the HF modules whose weights are concatenated (output axis) to make it.
 FUSED = {
@@ -36,6 +38,7 @@ STACKED_EXPERTS = {
 # HF tensors that carry no information for us (a tied head repeats the embedding table).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TIED_HEAD = "lm_head.weight"
+TIED_EMBEDDING = "model.embed_tokens.weight"
 
 NUMPY_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -56,8 +59,11 @@ class Sources:
         return [name for row in self.rows for name in row]
 
 
-def hf_sources(param_name: str, num_experts: int = 0) -> Sources:
-    """Where one of our parameters comes from in an HF checkpoint."""
+def hf_sources(param_name: str, num_experts: int = 0, tied: bool = False) -> Sources:
+    """Where one of our parameters comes from in an HF checkpoint (a tied head, which only a
+    quantized model has, is the embedding table)."""
+    if tied and param_name == TIED_HEAD:
+        return Sources(((TIED_EMBEDDING,),))
     for stacked, parts in STACKED_EXPERTS.items():
         if param_name.endswith(stacked):
             prefix = param_name[: -len(stacked)]
@@ -140,10 +146,17 @@ class Checkpoint:
         self.close()
 
 
-def check_coverage(checkpoint: Checkpoint, param_names: list[str], num_experts: int) -> None:
+def _sources(param: ParamInfo, config: Qwen3Config) -> Sources:
+    """HF sources of a parameter, or of the float weight a quantized one is made from."""
+    name = param.quant.float_name(param.name) if param.quant else param.name
+    return hf_sources(name, config.num_experts, config.tie_word_embeddings)
+
+
+def check_coverage(checkpoint: Checkpoint, params: list[ParamInfo],
+                   config: Qwen3Config) -> None:
     """Every tensor we need is present and every tensor present is used: else the checkpoint is
     not the model the config describes."""
-    needed = {src for name in param_names for src in hf_sources(name, num_experts).names()}
+    needed = {src for param in params for src in _sources(param, config).names()}
     present = checkpoint.keys()
     missing = sorted(needed - present)
     if missing:
@@ -156,31 +169,49 @@ def check_coverage(checkpoint: Checkpoint, param_names: list[str], num_experts: 
                               f"use, e.g. {', '.join(unused[:3])}: does config.json match?")
 
 
-def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], num_experts: int,
+def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qwen3Config,
                      shards: int = 1) -> Iterator[tuple[str, list[np.ndarray]]]:
     """Yield each of our parameters, assembled from its HF sources in its own dtype, as one
-    array per shard: cut by its ``ShardSpec``, or the same array for every shard."""
+    array per shard: cut by its ``ShardSpec``, or the same array for every shard. A quantized
+    weight is assembled in float32 and quantized once for its integers and its scales."""
 
-    def row(names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:
-        parts = [_cast(checkpoint.tensor(name), dtype) for name in names]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-    for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
-        sources = hf_sources(param.name, num_experts)
+    def assemble(param: ParamInfo, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        sources = _sources(param, config)
         try:
-            rows = [row(names, NUMPY_DTYPES[param.dtype]) for names in sources.rows]
+            rows = [_concatenated(checkpoint, names, dtype) for names in sources.rows]
             array = np.stack(rows) if sources.stacked else rows[0]
         except ValueError as bad:  # parts whose shapes do not line up
             raise CheckpointError(f"cannot assemble {param.name!r} from "
                                   f"{', '.join(sources.names()[:3])}: {bad}") from None
-        whole = param.shard.full_shape(param.shape, shards) if param.shard else param.shape
-        if tuple(array.shape) != whole:
+        if tuple(array.shape) != tuple(shape):
             raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
-                                  f"checkpoint, but config.json implies {whole}")
+                                  f"checkpoint, but config.json implies {tuple(shape)}")
+        return np.ascontiguousarray(array)
+
+    quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # float name -> (values, scales)
+    for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
+        if param.quant:
+            float_name = param.quant.float_name(param.name)
+            if float_name not in quantized:
+                weight = assemble(param, np.dtype(np.float32),
+                                  param.quant.float_shape(param.shape))
+                quantized[float_name] = quantize(weight, param.quant.scheme)
+            values, scales = quantized[float_name]
+            if param.quant.role == "scales":
+                del quantized[float_name]
+            yield param.name, [values if param.quant.role == "values" else scales] * shards
+            continue
+        whole = param.shard.full_shape(param.shape, shards) if param.shard else param.shape
+        array = assemble(param, NUMPY_DTYPES[param.dtype], whole)
         if param.shard and shards > 1:
             yield param.name, param.shard.split(array, shards)
         else:
-            yield param.name, [np.ascontiguousarray(array)] * shards
+            yield param.name, [array] * shards
+
+
+def _concatenated(checkpoint: Checkpoint, names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:
+    parts = [_cast(checkpoint.tensor(name), dtype) for name in names]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -17,6 +17,7 @@ import tvm
 from safetensors.numpy import load_file
 
 from qwen3c.compile.config import Qwen3Config
+from qwen3c.compile.quantization import QuantParam
 from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
 from qwen3c.targets import TargetChoice, get_target
@@ -35,6 +36,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     dtype: str
     shard: ShardSpec | None = None
+    quant: QuantParam | None = None  # integers or scales of a quantized weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Manifest:
     prefill_chunk_size: int
     entry_points: dict[str, dict[str, Any]]
     parallel: Parallelism
+    quant: dict[str, int] | None  # {"bits", "group"} of the projections, None: not quantized
     params: tuple[ParamInfo, ...]
     weight_files: tuple[dict[str, str], ...]  # per shard: file name -> sha256
     tokenizer_files: tuple[str, ...]
@@ -73,7 +76,8 @@ class Manifest:
         raw["parallel"] = Parallelism(**raw["parallel"])
         raw["params"] = tuple(
             ParamInfo(p["name"], tuple(p["shape"]), p["dtype"],
-                      ShardSpec.from_dict(p["shard"]) if p["shard"] else None)
+                      ShardSpec.from_dict(p["shard"]) if p["shard"] else None,
+                      QuantParam.from_dict(p["quant"]) if p["quant"] else None)
             for p in raw["params"])
         raw["weight_files"] = tuple(raw["weight_files"])
         if len(raw["weight_files"]) != raw["parallel"].shards:

@@ -54,6 +54,11 @@ class Target(ABC):
         """Raise ``TargetError`` for a model this target cannot compile."""
 
     @abstractmethod
+    def check_quantization(self, scheme: Any, parallel: Any) -> None:
+        """Raise ``TargetError`` when this target has no kernels for quantized weights
+        (``schedules/quant.py``) in that configuration."""
+
+    @abstractmethod
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target: ...
 
     @abstractmethod

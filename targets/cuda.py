@@ -41,6 +41,10 @@ class CudaTarget(Target):
             raise TargetError("Qwen3-MoE cannot be compiled for cuda yet: qwen3c's expert "
                               "kernels are CPU-only")
 
+    def check_quantization(self, scheme: Any, parallel: Any) -> None:
+        raise TargetError("quantized weights cannot be compiled for cuda yet: qwen3c's "
+                          "dequantizing kernels are CPU-only")
+
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target:
         return tvm.target.Target({"kind": "cuda", "arch": choice.arch},
                                  host={"kind": "llvm", "mcpu": choice.cpu})

@@ -65,6 +65,11 @@ class LlvmTarget(Target):
     def check_model(self, config: Qwen3Config) -> None:
         """Dense and MoE Qwen3 both compile for the CPU."""
 
+    def check_quantization(self, scheme: Any, parallel: Any) -> None:
+        if parallel.shards > 1:
+            raise TargetError("quantized weights cannot be sharded yet: compile with --quant "
+                              "or with --tensor-parallel, not both")
+
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target:
         return tvm.target.Target({
             "kind": "llvm",

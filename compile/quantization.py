@@ -1,0 +1,74 @@
+"""Weight quantization declared on the model: which parameters hold integers, which their scales.
+
+``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) as
+group-wise symmetric integers with float16 scales (``schedules/quant.py``), and the lm_head
+always as int8 (a tied head gets its own int8 copy of the embedding table): it is a quarter of
+the bytes a small model reads per token, and its errors land on the logits directly. The
+embedding lookup, norms, the MoE router and the MoE experts stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tvm.relax.frontend import nn
+
+from qwen3c.errors import ConfigError
+from qwen3c.schedules.quant import QuantScheme
+
+QUANT_ATTR = "quant"
+SCALE_SUFFIX = "_scale"
+HEAD_BITS = 8
+SCHEMES = {"q8": 8, "q4": 4}
+DEFAULT_GROUP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParam:
+    """A parameter holding a quantized weight's integers (``role="values"``) or its scales."""
+
+    bits: int
+    group: int
+    role: str
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group)
+
+    def float_name(self, name: str) -> str:
+        """The float weight this parameter is made from."""
+        return name.removesuffix(SCALE_SUFFIX) if self.role == "scales" else name
+
+    def float_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        n, cols = shape
+        if self.role == "scales":
+            return n, cols * self.group
+        return n, cols * (2 if self.bits == 4 else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> QuantParam:
+        return cls(int(raw["bits"]), int(raw["group"]), str(raw["role"]))
+
+
+def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | None:
+    """``q8`` / ``q4`` / None -> the scheme; anything else is refused."""
+    if name is None:
+        return None
+    if name not in SCHEMES:
+        raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)}")
+    if group < 2 or group % 2:
+        raise ConfigError(f"quantization group size must be an even number >= 2, got {group}")
+    return QuantScheme(SCHEMES[name], group)
+
+
+def mark_quantized(values: nn.Parameter, scales: nn.Parameter, scheme: QuantScheme) -> None:
+    values.attrs[QUANT_ATTR] = QuantParam(scheme.bits, scheme.group, "values")
+    scales.attrs[QUANT_ATTR] = QuantParam(scheme.bits, scheme.group, "scales")
+
+
+def quant_param(param: nn.Parameter) -> QuantParam | None:
+    return param.attrs.get(QUANT_ATTR)

@@ -1,0 +1,184 @@
+"""Group-wise symmetric weight quantization and the CPU kernels that read it.
+
+A weight W [N, K] is cut along K into groups of G; each group keeps one float16 scale s and
+integers q = round(w / s): for 8 bits s = max|w| / 127, q in [-127, 127]; for 4 bits, q in
+[-8, 7], the element of largest magnitude m gives s = m / -8 (or, where that has less squared
+error, a slightly smaller scale):
+
+    int8   q  [N, K]      int8
+    int4   qp [N, K / 2]  uint8, per group of G: byte i holds element i in its low nibble and
+                          element i + G/2 in its high nibble, both offset by 8 (as llama.cpp's
+                          q4_0), so each half of a group unpacks with one contiguous vector load
+    scale     [N, K / G]  float16
+
+``quantize`` (numpy) makes them at compile time. ``dequant_gemv`` computes y = x Wᵀ for a few
+tokens straight from the integers (decode: the weights are read once, at 1 or 0.5 byte per
+element); ``dequantize`` rebuilds W in the model dtype for prefill, whose many tokens then share
+the register-tiled GEMM of ``cpu_gemm.py``. Sums are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+SCALE_DTYPE = "float16"
+INT4_SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below the exact-extreme one
+ROWS_PER_TASK = 8  # weight rows per parallel step of the GEMV
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    bits: int  # 8 or 4
+    group: int  # elements per scale, along K
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 7
+
+    @property
+    def qmin(self) -> int:  # magnitude of the most negative level
+        return 127 if self.bits == 8 else 8
+
+    @property
+    def storage_dtype(self) -> str:
+        return "int8" if self.bits == 8 else "uint8"
+
+    def storage_shape(self, n: int, k: int) -> tuple[int, int]:
+        return (n, k) if self.bits == 8 else (n, k // 2)
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, int]:
+        return (n, k // self.group)
+
+    def fits(self, n: int, k: int) -> bool:
+        return k % self.group == 0 and n % ROWS_PER_TASK == 0 and self.group % 2 == 0
+
+
+def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """(integers in storage layout, float16 scales) for a float weight [N, K]."""
+    n, k = weight.shape
+    groups = weight.astype(np.float32).reshape(n, k // scheme.group, scheme.group)
+    if scheme.bits == 8:
+        scale, q = _rounded(groups, np.abs(groups).max(axis=-1, keepdims=True) / 127, scheme)
+    else:
+        # The largest magnitude maps to -8, so all 16 levels are used; then a few smaller
+        # scales are tried (clipping that one element a little) and the least squared error
+        # per group wins, which helps groups with one outlier.
+        extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
+        scale, q = _rounded(groups, extreme / -8, scheme)
+        best = _squared_error(groups, scale, q)
+        for shrink in INT4_SHRINKS:
+            trial_scale, trial_q = _rounded(groups, extreme / -8 * shrink, scheme)
+            error = _squared_error(groups, trial_scale, trial_q)
+            better = error < best
+            scale = np.where(better, trial_scale, scale)
+            q = np.where(better, trial_q, q)
+            best = np.minimum(error, best)
+    if scheme.bits == 4:
+        half = scheme.group // 2
+        nibbles = (q + 8).astype(np.uint8)
+        q = nibbles[..., :half] | (nibbles[..., half:] << 4)
+    return q.reshape(scheme.storage_shape(n, k)), scale.reshape(scheme.scale_shape(n, k))
+
+
+def _rounded(groups: np.ndarray, scale: np.ndarray,
+             scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 scale, integers) for the given float scale, rounding with the stored scale."""
+    scale = scale.astype(np.float16)
+    safe = np.where(scale == 0, 1, scale).astype(np.float32)
+    return scale, np.clip(np.rint(groups / safe), -scheme.qmin, scheme.qmax).astype(np.int8)
+
+
+def _squared_error(groups: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return ((q * scale.astype(np.float32) - groups) ** 2).sum(axis=-1, keepdims=True)
+
+
+def dequantize_reference(q: np.ndarray, scale: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """The float32 weight [N, K] that ``q`` and ``scale`` stand for (numpy)."""
+    n, groups = scale.shape
+    if scheme.bits == 4:
+        packed = q.reshape(n, groups, scheme.group // 2)
+        ints = np.concatenate([packed & 0xF, packed >> 4], axis=-1).astype(np.int8) - 8
+    else:
+        ints = q.reshape(n, groups, scheme.group)
+    weights = ints.astype(np.float32) * scale.astype(np.float32)[..., None]
+    return weights.reshape(n, groups * scheme.group)
+
+
+def _integer(q: tirx.Buffer, row, group: int | tirx.PrimExpr, lane, scheme: QuantScheme,
+             high: bool = False):
+    """Element ``lane`` of a group (of its upper half when ``high``, 4-bit) as float32."""
+    if scheme.bits == 8:
+        return T.Cast("float32", q[row, group * scheme.group + lane])
+    byte = q[row, group * (scheme.group // 2) + lane]
+    nibble = T.shift_right(byte, T.uint8(4)) if high else T.bitwise_and(byte, T.uint8(15))
+    return T.Cast("float32", nibble) - T.float32(8)
+
+
+def dequantize(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFunc:
+    """W [N, K] in ``dtype`` from its integers and scales."""
+    N, K, G = n, k, scheme.group
+    QN, QK = scheme.storage_shape(n, k)
+    L = G if scheme.bits == 8 else G // 2  # elements per contiguous run of a group
+
+    @T.macro
+    def run(q, scale, w, row, g, first, high):
+        for lane in T.vectorized(L):
+            w[row, g * G + first + lane] = T.Cast(dtype, _integer(
+                q, row, g, lane, scheme, high) * T.Cast("float32", scale[row, g]))
+
+    @T.prim_func(private=True, s_tir=True)
+    def dequant(q: T.Buffer((QN, QK), scheme.storage_dtype),
+                scale: T.Buffer((N, K // G), SCALE_DTYPE), w: T.Buffer((N, K), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for row in T.parallel(N):
+            for g in range(K // G):
+                run(q, scale, w, row, g, 0, False)
+                if scheme.bits == 4:
+                    run(q, scale, w, row, g, L, True)
+
+    return dequant
+
+
+def dequant_gemv(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFunc:
+    """y[m, N] (float32) = x[m, K] · Wᵀ read from the integers, for a few tokens m."""
+    assert scheme.fits(n, k), (n, k, scheme)
+    N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
+    QN, QK = scheme.storage_shape(n, k)
+    L = G if scheme.bits == 8 else G // 2
+
+    @T.macro
+    def run(acc, xf, q, scale, row, g, first, high):
+        for lane in T.vectorized(L):
+            acc[first + lane] = acc[first + lane] + xf[g * G + first + lane] * _integer(
+                q, row, g, lane, scheme, high) * T.Cast("float32", scale[row, g])
+
+    @T.prim_func(private=True, s_tir=True)
+    def gemv(var_x: T.handle, q: T.Buffer((QN, QK), scheme.storage_dtype),
+             scale: T.Buffer((N, K // G), SCALE_DTYPE), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
+        y = T.match_buffer(var_y, (m, T.int64(N)), "float32")
+        for block in T.parallel(N // NG):
+            for t in range(m):
+                with T.sblock("dequant_gemv_rows"):
+                    xf = T.sblock_alloc_buffer((K,), "float32", scope="local")
+                    acc = T.sblock_alloc_buffer((G,), "float32", scope="local")
+                    for i in T.vectorized(K):
+                        xf[i] = T.Cast("float32", x[t, i])
+                    for j in range(NG):
+                        for lane in T.vectorized(G):
+                            acc[lane] = T.float32(0)
+                        for g in range(K // G):
+                            run(acc, xf, q, scale, block * NG + j, g, 0, False)
+                            if scheme.bits == 4:
+                                run(acc, xf, q, scale, block * NG + j, g, L, True)
+                        y[t, block * NG + j] = T.float32(0)
+                        for lane in range(G):
+                            y[t, block * NG + j] = y[t, block * NG + j] + acc[lane]
+
+    return gemv
