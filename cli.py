@@ -231,7 +231,7 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
 def _describe_quant(quant: dict[str, int] | None) -> str:
     if quant is None:
         return "no"
-    return (f"projections int{quant['bits']}, lm_head int8, group {quant['group']}, float16 "
+    return (f"projections int{quant['bits']}, lm_head int8, group {quant['group']}, float32 "
             "scales; embedding, norms, MoE router and experts in the model dtype")
 
 

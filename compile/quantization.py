@@ -1,7 +1,7 @@
 """Weight quantization declared on the model: which parameters hold integers, which their scales.
 
 ``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) as
-group-wise symmetric integers with float16 scales (``schedules/quant.py``), and the lm_head
+group-wise symmetric integers with float32 scales (``schedules/quant.py``), and the lm_head
 always as int8 (a tied head gets its own int8 copy of the embedding table): it is a quarter of
 the bytes a small model reads per token, and its errors land on the logits directly. The
 embedding lookup, norms, the MoE router and the MoE experts stay in the model dtype.

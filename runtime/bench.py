@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3c.runtime.artifact import Manifest
 from qwen3c.runtime.model import Model
 
 
@@ -26,9 +27,7 @@ class BenchRow:
 
 def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
                  decode_tokens: int, runs: int) -> list[BenchRow]:
-    parallel = model.manifest.parallel
-    engine = "qwen3c" if parallel.shards == 1 else (
-        f"qwen3c-{'ep' if parallel.expert_parallel else 'tp'}{parallel.shards}")
+    engine = engine_label(model.manifest)
 
     def decode_rate() -> float:
         timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings
@@ -62,6 +61,16 @@ def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int
                       _median(lambda ids=ids: len(ids) / reference.time_prefill(ids), runs))
              for n, ids in prompts.items()]
     return rows
+
+
+def engine_label(manifest: Manifest) -> str:
+    """qwen3c, with the quantization and sharding of the artifact: e.g. qwen3c-q4, -tp2."""
+    parallel, label = manifest.parallel, "qwen3c"
+    if manifest.quant:
+        label += f"-q{manifest.quant['bits']}"
+    if parallel.shards > 1:
+        label += f"-{'ep' if parallel.expert_parallel else 'tp'}{parallel.shards}"
+    return label
 
 
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> dict[int, list[int]]:
