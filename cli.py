@@ -294,8 +294,8 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
 def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
                   threads: int | None, devices: str | None, hf_dir: Path | None,
                   other: Path | None, json_path: Path | None) -> None:
-    """Decode and prefill tokens/s of ARTIFACT, optionally beside HF transformers or another
-    artifact."""
+    """Decode and prefill tokens/s, time to first token and peak memory of ARTIFACT, optionally
+    beside HF transformers or another artifact."""
     import qwen3c
     from qwen3c.runtime import bench
 
@@ -303,18 +303,30 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         lengths = [int(n) for n in prompt_lengths.split(",")]
     except ValueError:
         raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
+    measure_memory = bench.reset_peak_memory()
+
+    def timed(model) -> list:
+        rows = bench.bench_qwen3c(model, *bench.standard_prompts(model.vocab_size, lengths),
+                                  decode_tokens, runs)
+        if measure_memory:
+            rows.append(bench.peak_memory_row(rows[0].engine, model.executor.worker_pids()))
+        return rows
+
     other_rows = []
     if other is not None:  # first: a sharded artifact would resize this process's threads
         with qwen3c.load(other, threads=threads) as other_model:
-            other_rows = bench.bench_qwen3c(other_model, *bench.standard_prompts(
-                other_model.vocab_size, lengths), decode_tokens, runs)
+            other_rows = timed(other_model)
+        bench.reset_peak_memory()
     model = qwen3c.load(artifact, threads=threads, devices=devices)
-    prompts, decode_prompt = bench.standard_prompts(model.vocab_size, lengths)
-    rows = bench.bench_qwen3c(model, prompts, decode_prompt, decode_tokens, runs) + other_rows
+    rows = timed(model) + other_rows
     threads_used = model.threads
     if hf_dir is not None:
+        bench.reset_peak_memory()
+        prompts, decode_prompt = bench.standard_prompts(model.vocab_size, lengths)
         rows += bench.bench_hf(hf_dir, model.manifest.dtype, threads_used, prompts,
                                decode_prompt, decode_tokens, runs)
+        if measure_memory:
+            rows.append(bench.peak_memory_row("hf-eager", []))
     click.echo(f"{artifact}: {model.manifest.dtype}, {threads_used or 'device'} threads, "
                f"median of {runs}")
     click.echo(bench.format_table(rows))

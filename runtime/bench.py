@@ -21,8 +21,9 @@ from qwen3c.runtime.model import Model
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
     engine: str
-    metric: str  # "decode" or "prefill-<prompt length>"
-    tokens_per_s: float
+    metric: str  # "decode", "prefill-<prompt length>", "ttft-<prompt length>", "peak-rss"
+    value: float
+    unit: str = "tok/s"  # or "ms" (time to first token), "GB" (peak resident memory)
 
 
 def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
@@ -33,14 +34,40 @@ def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: lis
         timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings
         return timings.decode_tokens_per_s
 
-    def prefill_rate(ids: list[int]) -> Callable[[], float]:
-        return lambda: model.generate(ids, max_new_tokens=1).timings.prefill_tokens_per_s
-
     model.generate(decode_prompt, max_new_tokens=4)  # warm-up: first-call allocations
     rows = [BenchRow(engine, "decode", _median(decode_rate, runs))]
-    rows += [BenchRow(engine, f"prefill-{n}", _median(prefill_rate(ids), runs))
-             for n, ids in prompts.items()]
+    for n, ids in prompts.items():
+        # The first token is sampled when the prompt's prefill ends: that time is the TTFT.
+        prefills = sorted(model.generate(ids, max_new_tokens=1).timings.prefill_s
+                          for _ in range(runs))
+        seconds = statistics.median(prefills)
+        rows += [BenchRow(engine, f"prefill-{n}", n / seconds),
+                 BenchRow(engine, f"ttft-{n}", seconds * 1e3, "ms")]
     return rows
+
+
+def reset_peak_memory() -> bool:
+    """Restart this process's peak-RSS count (Linux: ``/proc/self/clear_refs``), so the next
+    engine's peak is its own; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_row(engine: str, pids: list[int]) -> BenchRow:
+    """Peak resident memory since ``reset_peak_memory`` of this process, plus the current
+    peak of ``pids`` (a sharded model's worker processes)."""
+    kib = sum(_vm_hwm_kib(pid) for pid in ["self", *pids])
+    return BenchRow(engine, "peak-rss", kib / (1 << 20), "GB")
+
+
+def _vm_hwm_kib(pid: int | str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int, list[int]],
@@ -57,9 +84,10 @@ def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int
         return (decode_tokens - 1) / (full - first)
 
     rows = [BenchRow("hf-eager", "decode", _median(decode_rate, runs))]
-    rows += [BenchRow("hf-eager", f"prefill-{n}",
-                      _median(lambda ids=ids: len(ids) / reference.time_prefill(ids), runs))
-             for n, ids in prompts.items()]
+    for n, ids in prompts.items():
+        seconds = statistics.median(reference.time_prefill(ids) for _ in range(runs))
+        rows += [BenchRow("hf-eager", f"prefill-{n}", n / seconds),
+                 BenchRow("hf-eager", f"ttft-{n}", seconds * 1e3, "ms")]
     return rows
 
 
@@ -86,18 +114,26 @@ def standard_prompts(vocab_size: int,
 
 
 def format_table(rows: list[BenchRow]) -> str:
+    """One column per engine, then the first engine's ratio to each other one (above 1 is
+    better for tok/s, below 1 for ms and GB)."""
     engines = list(dict.fromkeys(r.engine for r in rows))
-    metrics = list(dict.fromkeys(r.metric for r in rows))
-    rate = {(r.engine, r.metric): r.tokens_per_s for r in rows}
-    header = ["tok/s", *engines] + ([f"{engines[0]}/{e}" for e in engines[1:]])
+    metrics = list(dict.fromkeys((r.metric, r.unit) for r in rows))
+    value = {(r.engine, r.metric): r.value for r in rows}
+    header = ["metric", *engines] + ([f"{engines[0]}/{e}" for e in engines[1:]])
     lines = [header]
-    for metric in metrics:
-        values = [rate.get((e, metric)) for e in engines]
-        ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
-        lines.append([metric, *(f"{v:.1f}" if v else "-" for v in values), *ratios])
+    for metric, unit in metrics:
+        values = [value.get((e, metric)) for e in engines]
+        ratios = [f"{values[0] / v:.2f}x" if v and values[0] else "-" for v in values[1:]]
+        lines.append([f"{metric} {unit}", *(_cell(v, unit) for v in values), *ratios])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
                      for line in lines)
+
+
+def _cell(value: float | None, unit: str) -> str:
+    if not value:
+        return "-"
+    return f"{value:.2f}" if unit == "GB" else f"{value:.1f}"
 
 
 def write_json(path: Path, rows: list[BenchRow], context: dict[str, object]) -> None:

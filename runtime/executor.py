@@ -51,6 +51,10 @@ class Executor(ABC):
     def close(self) -> None:
         """Release workers; a closed sharded executor refuses further calls."""
 
+    def worker_pids(self) -> list[int]:
+        """Processes computing for this executor besides this one."""
+        return []
+
 
 class LocalExecutor(Executor):
     def __init__(self, directory: Path, manifest: Manifest, device: tvm.runtime.Device,

@@ -109,12 +109,17 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
     shown = invoke("bench", make_artifact(tiny_checkpoint), "--prompt-lengths", "8,16",
                    "--decode-tokens", "4", "--runs", "1", "--vs-hf", tiny_checkpoint,
                    "--json", out).output
-    assert "prefill-16" in shown and "qwen3c/hf-eager" in shown
+    assert "prefill-16 tok/s" in shown and "ttft-8 ms" in shown and "qwen3c/hf-eager" in shown
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["engine"], r["metric"]) for r in rows} == {
-        (engine, metric) for engine in ("qwen3c", "hf-eager")
-        for metric in ("decode", "prefill-8", "prefill-16")}
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert {(r["engine"], r["metric"], r["unit"]) for r in rows} == {
+        (engine, metric, unit) for engine in ("qwen3c", "hf-eager")
+        for metric, unit in (("decode", "tok/s"), ("prefill-8", "tok/s"),
+                             ("prefill-16", "tok/s"), ("ttft-8", "ms"), ("ttft-16", "ms"),
+                             ("peak-rss", "GB"))}
+    assert all(r["value"] > 0 for r in rows)
+    value = {(r["engine"], r["metric"]): r["value"] for r in rows}
+    for engine in ("qwen3c", "hf-eager"):  # time to first token is the prefill time
+        assert value[engine, "ttft-16"] == pytest.approx(16e3 / value[engine, "prefill-16"])
 
 
 def test_demo(tmp_path):
