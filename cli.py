@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -318,7 +319,11 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
             other_rows = timed(other_model)
         bench.reset_peak_memory()
     model = qwen3c.load(artifact, threads=threads, devices=devices)
-    rows = timed(model) + other_rows
+    rows = timed(model)
+    if other_rows and other_rows[0].engine == rows[0].engine:  # same kind: name it by path
+        other_rows = [dataclasses.replace(r, engine=f"{r.engine}:{other.name}")
+                      for r in other_rows]
+    rows += other_rows
     threads_used = model.threads
     if hf_dir is not None:
         bench.reset_peak_memory()
