@@ -66,7 +66,7 @@ class Linear(nn.Linear):
 
 
 class QuantLinear(nn.Module):
-    """y = x Wᵀ (+ b) with W stored as group-wise integers and float16 scales
+    """y = x Wᵀ (+ b) with W stored as group-wise integers and float32 scales
     (``schedules/quant.py``). A few tokens (decode, the logits rows) are multiplied straight
     from the integers; many (prefill) rebuild W in the model dtype once per call and share the
     tiled GEMM. Sums are float32; the result is in the model dtype."""

@@ -89,7 +89,7 @@ class ShardedExecutor(Executor):
         self.threads = threads
         self._failure: str | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="qwen3c-workers-")
-        self._workers = WorkerProcesses(len(device_ids), target.worker_launcher())
+        self._workers = WorkerProcesses(target.worker_launcher())
         disco_module()
         self._session = tvm.get_global_func("runtime.disco.SessionProcess")(
             len(device_ids), 1, self._workers.name, WORKER_ENTRYPOINT)

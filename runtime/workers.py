@@ -52,8 +52,7 @@ class WorkerProcesses:
     each started behind ``launcher`` (e.g. ``mpiexec -n 1``, so the worker itself may be a
     grandchild: its pid is recorded once it reports it)."""
 
-    def __init__(self, num_workers: int, launcher: list[str]):
-        self.num_workers = num_workers
+    def __init__(self, launcher: list[str]):
         self.launcher = launcher
         self.procs: dict[int, subprocess.Popen] = {}
         self.worker_pids: dict[int, int] = {}
@@ -70,15 +69,17 @@ class WorkerProcesses:
                     os.close(fd)
                 self._held_fds.clear()
                 return None
-            return tvm.runtime.ShapeTuple(self._start(worker_id, num_groups, entrypoint))
+            return tvm.runtime.ShapeTuple(
+                self._start(worker_id, num_workers, num_groups, entrypoint))
 
         return start_or_stop
 
-    def _start(self, worker_id: int, num_groups: int, entrypoint: str) -> list[int]:
+    def _start(self, worker_id: int, num_workers: int, num_groups: int,
+               entrypoint: str) -> list[int]:
         driver_read, worker_write = os.pipe()
         worker_read, driver_write = os.pipe()
         cmd = [*self.launcher, sys.executable, "-m", entrypoint, str(worker_id),
-               str(self.num_workers), str(num_groups), str(worker_read), str(worker_write)]
+               str(num_workers), str(num_groups), str(worker_read), str(worker_write)]
         self.procs[worker_id] = subprocess.Popen(
             cmd, pass_fds=(worker_read, worker_write), stdin=subprocess.DEVNULL,
             stdout=2)  # a launcher's reports must not mix into our output

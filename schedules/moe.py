@@ -83,21 +83,20 @@ def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         with T.sblock("group"):
             cursor = T.sblock_alloc_buffer((E,), "int32")
-            local = T.sblock_alloc_buffer((1,), "int64")
             for e in range(E + 1):
                 offsets[e] = 0
             for t, s in T.grid(n, K):
-                local[0] = T.Cast("int64", experts[t, s]) - first[0]
-                if local[0] >= 0 and local[0] < E:
-                    offsets[local[0] + 1] = offsets[local[0] + 1] + 1
+                local = T.Cast("int64", experts[t, s]) - first[0]
+                if local >= 0 and local < E:
+                    offsets[local + 1] = offsets[local + 1] + 1
             for e in range(E):
                 offsets[e + 1] = offsets[e + 1] + offsets[e]
                 cursor[e] = offsets[e]
             for t, s in T.grid(n, K):
-                local[0] = T.Cast("int64", experts[t, s]) - first[0]
-                if local[0] >= 0 and local[0] < E:
-                    order[cursor[local[0]]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
-                    cursor[local[0]] = cursor[local[0]] + 1
+                local = T.Cast("int64", experts[t, s]) - first[0]
+                if local >= 0 and local < E:
+                    order[cursor[local]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
+                    cursor[local] = cursor[local] + 1
 
     return group
 

@@ -45,6 +45,10 @@ class QuantScheme:
         return 127 if self.bits == 8 else 8
 
     @property
+    def offset(self) -> float:  # what the stored integers are above the signed ones
+        return 0.0 if self.bits == 8 else 8.0
+
+    @property
     def storage_dtype(self) -> str:
         return "int8" if self.bits == 8 else "uint8"
 
@@ -87,14 +91,13 @@ def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.nd
 
 def _rounded(groups: np.ndarray, scale: np.ndarray,
              scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, integers) for the given float scale."""
-    scale = scale.astype(np.float32)
-    safe = np.where(scale == 0, 1, scale).astype(np.float32)
+    """(scale, integers) for the given scale; an all-zero group keeps scale 0."""
+    safe = np.where(scale == 0, 1, scale)
     return scale, np.clip(np.rint(groups / safe), -scheme.qmin, scheme.qmax).astype(np.int8)
 
 
 def _squared_error(groups: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return ((q * scale.astype(np.float32) - groups) ** 2).sum(axis=-1, keepdims=True)
+    return ((q * scale - groups) ** 2).sum(axis=-1, keepdims=True)
 
 
 def dequantize_reference(q: np.ndarray, scale: np.ndarray, scheme: QuantScheme) -> np.ndarray:
@@ -105,46 +108,11 @@ def dequantize_reference(q: np.ndarray, scale: np.ndarray, scheme: QuantScheme) 
         ints = np.concatenate([packed & 0xF, packed >> 4], axis=-1).astype(np.int8) - 8
     else:
         ints = q.reshape(n, groups, scheme.group)
-    weights = ints.astype(np.float32) * scale.astype(np.float32)[..., None]
+    weights = ints.astype(np.float32) * scale[..., None]
     return weights.reshape(n, groups * scheme.group)
 
 
-def _integer(q: tirx.Buffer, row, group: int | tirx.PrimExpr, lane, scheme: QuantScheme,
-             high: bool = False):
-    """Element ``lane`` of a group (of its upper half when ``high``, 4-bit) as float32."""
-    if scheme.bits == 8:
-        return T.Cast("float32", q[row, group * scheme.group + lane])
-    byte = q[row, group * (scheme.group // 2) + lane]
-    nibble = T.shift_right(byte, T.uint8(4)) if high else T.bitwise_and(byte, T.uint8(15))
-    return T.Cast("float32", nibble) - T.float32(8)
-
-
-def dequantize(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFunc:
-    """W [N, K] in ``dtype`` from its integers and scales."""
-    N, K, G = n, k, scheme.group
-    QN, QK = scheme.storage_shape(n, k)
-    L = G if scheme.bits == 8 else G // 2  # elements per contiguous run of a group
-
-    @T.macro
-    def run(q, scale, w, row, g, first, high):
-        for lane in T.vectorized(L):
-            w[row, g * G + first + lane] = T.Cast(dtype, _integer(
-                q, row, g, lane, scheme, high) * T.Cast("float32", scale[row, g]))
-
-    @T.prim_func(private=True, s_tir=True)
-    def dequant(q: T.Buffer((QN, QK), scheme.storage_dtype),
-                scale: T.Buffer((N, K // G), SCALE_DTYPE), w: T.Buffer((N, K), dtype)):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        for row in T.parallel(N):
-            for g in range(K // G):
-                run(q, scale, w, row, g, 0, False)
-                if scheme.bits == 4:
-                    run(q, scale, w, row, g, L, True)
-
-    return dequant
-
-
-def _halves_raw(q: tirx.Buffer, row, g, lane, scheme: QuantScheme):
+def _group_halves(q: tirx.Buffer, row, g, lane, scheme: QuantScheme):
     """Element ``lane`` of each half of a group as float32, 4-bit ones still offset by 8."""
     half = scheme.group // 2
     if scheme.bits == 8:
@@ -153,6 +121,29 @@ def _halves_raw(q: tirx.Buffer, row, g, lane, scheme: QuantScheme):
     byte = q[row, g * half + lane]
     return (T.Cast("float32", T.bitwise_and(byte, T.uint8(15))),
             T.Cast("float32", T.shift_right(byte, T.uint8(4))))
+
+
+def dequantize(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFunc:
+    """W [N, K] in ``dtype`` from its integers and scales."""
+    N, K, G = n, k, scheme.group
+    QN, QK = scheme.storage_shape(n, k)
+    H, offset = G // 2, scheme.offset
+
+    @T.prim_func(private=True, s_tir=True)
+    def dequant(q: T.Buffer((QN, QK), scheme.storage_dtype),
+                scale: T.Buffer((N, K // G), SCALE_DTYPE), w: T.Buffer((N, K), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for row in T.parallel(N):
+            for g in range(K // G):
+                for lane in T.vectorized(H):
+                    w[row, g * G + lane] = T.Cast(dtype, (
+                        _group_halves(q, row, g, lane, scheme)[0] - T.float32(offset)
+                    ) * scale[row, g])
+                    w[row, g * G + H + lane] = T.Cast(dtype, (
+                        _group_halves(q, row, g, lane, scheme)[1] - T.float32(offset)
+                    ) * scale[row, g])
+
+    return dequant
 
 
 def dequant_gemv(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFunc:
@@ -168,8 +159,7 @@ def dequant_gemv(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFu
     assert scheme.fits(n, k), (n, k, scheme)
     N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
     QN, QK = scheme.storage_shape(n, k)
-    H = G // 2
-    offset = 0.0 if scheme.bits == 8 else 8.0
+    H, offset = G // 2, scheme.offset
 
     @T.prim_func(private=True, s_tir=True)
     def gemv(var_x: T.handle, q: T.Buffer((QN, QK), scheme.storage_dtype),
@@ -197,11 +187,11 @@ def dequant_gemv(n: int, k: int, scheme: QuantScheme, dtype: str) -> tirx.PrimFu
                             for lane in T.vectorized(H):
                                 acc[j, lane] = acc[j, lane] + (
                                     xf[g * G + lane]
-                                    * _halves_raw(q, block * NG + j, g, lane, scheme)[0]
+                                    * _group_halves(q, block * NG + j, g, lane, scheme)[0]
                                     + xf[g * G + H + lane]
-                                    * _halves_raw(q, block * NG + j, g, lane, scheme)[1]
+                                    * _group_halves(q, block * NG + j, g, lane, scheme)[1]
                                     - T.float32(offset) * xs[g * H + lane]
-                                ) * T.Cast("float32", scale[block * NG + j, g])
+                                ) * scale[block * NG + j, g]
                     for j in range(NG):
                         y[t, block * NG + j] = T.float32(0)
                         for lane in range(H):
