@@ -46,7 +46,8 @@ def main() -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--target", default="llvm", show_default=True, help="Compilation target.")
 @click.option("--arch", default=None,
-              help="llvm: x86_64 (default: this host's); cuda: sm_80 (default) or sm_90.")
+              help="llvm: x86_64 or aarch64 (default: this host's); cuda: sm_80 (default) "
+                   "or sm_90.")
 @click.option("--cpu", default=None, help="LLVM CPU name (default: this host's; 'generic' "
               "for a portable artifact).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)

@@ -81,7 +81,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
                        Path(dump_ir) if dump_ir else None)
     executable = relax.build(mod, target=tvm_target, relax_pipeline=None)
-    backend.export(executable, output / LIBRARY)
+    backend.export(executable, output / LIBRARY, choice)
 
     tokenizer_files = [n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
     for name in tokenizer_files:

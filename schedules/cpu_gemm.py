@@ -1,11 +1,13 @@
 """Register-tiled CPU kernel for the projections ``y[m, n] = sum_k x[m, k] · W[n, k]``.
 
 Each parallel task owns a block of weight rows. Prefill (``m >= ROWS_PER_TILE`` tokens) walks
-tiles of 4 tokens x 4 weight rows with a 4x4x16 float32 accumulator that stays in vector
-registers, so every loaded 16-lane vector of x or W feeds four FMAs instead of one; about
-twice the GFLOP/s of the plain schedule in ``cpu_matmul.py`` on AVX-512. Decode (fewer tokens)
-reads each weight row start to end (one sequential stream per thread, which the hardware
-prefetcher follows; interleaving 8 rows measured 1.5x slower). Sums are float32 whatever the
+tiles of 4 tokens x 4 weight rows with a 4x4 grid of float32 accumulator vectors (one machine
+vector each: 16 lanes on AVX-512, 4 on NEON) that stays in registers, so every loaded vector of
+x or W feeds four FMAs instead of one; about twice the GFLOP/s of the plain schedule in
+``cpu_matmul.py`` on AVX-512. Decode (fewer tokens) reads each weight row start to end (one
+sequential stream per thread, which the hardware prefetcher follows; interleaving 8 rows
+measured 1.5x slower) into GEMV_LANES partial sums, several independent FMA chains on any
+vector width. Sums are float32 whatever the
 storage dtype; the last partial token tile re-reads a valid row instead of branching in the
 inner loop, and only its valid rows are stored.
 
@@ -20,7 +22,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-LANES = 16  # one AVX-512 float32 vector
+GEMV_LANES = 16  # partial sums per decoded row (a multiple of every machine vector width)
 ROWS_PER_TILE = 4  # tokens per prefill tile
 COLS_PER_TILE = 4  # weight rows per prefill tile
 COLS_PER_GEMV = 8  # weight rows per decode task step
@@ -28,14 +30,15 @@ OUT_DTYPE = "float32"
 
 
 def fits(n: int, k: int) -> bool:
-    return k % LANES == 0 and n % COLS_PER_GEMV == 0
+    return k % GEMV_LANES == 0 and n % COLS_PER_GEMV == 0
 
 
-def nt_gemm(n: int, k: int, dtype: str) -> tirx.PrimFunc:
-    """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m."""
-    assert fits(n, k), (n, k)
-    N, K, MT, NT, NG = n, k, ROWS_PER_TILE, COLS_PER_TILE, COLS_PER_GEMV
-    KO = K // LANES
+def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16) -> tirx.PrimFunc:
+    """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m; ``lanes`` is the float32
+    width of one machine vector (it must divide 16)."""
+    assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
+    N, K, MT, NT, NG, LANES = n, k, ROWS_PER_TILE, COLS_PER_TILE, COLS_PER_GEMV, lanes
+    KO, KG = K // LANES, K // GEMV_LANES
 
     @T.prim_func(private=True, s_tir=True)
     def gemm(var_x: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
@@ -69,16 +72,16 @@ def nt_gemm(n: int, k: int, dtype: str) -> tirx.PrimFunc:
             for nb in T.parallel(N // NG):
                 for t, j in T.grid(m, NG):
                     with T.sblock("gemv_row"):
-                        acc = T.sblock_alloc_buffer((LANES,), OUT_DTYPE, scope="local")
-                        for lane in T.vectorized(LANES):
+                        acc = T.sblock_alloc_buffer((GEMV_LANES,), OUT_DTYPE, scope="local")
+                        for lane in T.vectorized(GEMV_LANES):
                             acc[lane] = T.float32(0)
-                        for ko in range(KO):
-                            for lane in T.vectorized(LANES):
+                        for ko in range(KG):
+                            for lane in T.vectorized(GEMV_LANES):
                                 acc[lane] = acc[lane] + T.Cast(
-                                    OUT_DTYPE, x[t, ko * LANES + lane]) * T.Cast(
-                                    OUT_DTYPE, w[nb * NG + j, ko * LANES + lane])
+                                    OUT_DTYPE, x[t, ko * GEMV_LANES + lane]) * T.Cast(
+                                    OUT_DTYPE, w[nb * NG + j, ko * GEMV_LANES + lane])
                         y[t, nb * NG + j] = T.float32(0)
-                        for lane in range(LANES):
+                        for lane in range(GEMV_LANES):
                             y[t, nb * NG + j] = y[t, nb * NG + j] + acc[lane]
 
     return gemm
@@ -86,8 +89,9 @@ def nt_gemm(n: int, k: int, dtype: str) -> tirx.PrimFunc:
 
 @relax.expr_functor.mutator
 class _GemmDispatcher(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
+        self.lanes = lanes
         self.kernels: dict[tuple[int, int, str], tvm.ir.GlobalVar] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -101,7 +105,7 @@ class _GemmDispatcher(relax.PyExprMutator):
             return call
         key = (n, k, dtype)
         if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(nt_gemm(n, k, dtype),
+            self.kernels[key] = self.builder_.add_func(nt_gemm(n, k, dtype, self.lanes),
                                                        f"nt_gemm_{n}x{k}_{dtype}")
         lead = list(x.ty.shape)[:-1]
         tokens = lead[0]
@@ -136,10 +140,16 @@ def _is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
             and isinstance(call.args[0].ty, relax.TensorType) and call.args[0].ty.ndim >= 2)
 
 
-@tvm.transform.module_pass(opt_level=0, name="DispatchCPUGemm")
-def dispatch_cpu_gemm(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    dispatcher = _GemmDispatcher(mod)
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            dispatcher.builder_.update_func(gvar, dispatcher.visit_expr(func))
-    return dispatcher.builder_.get()
+def dispatch_cpu_gemm(lanes: int) -> tvm.transform.Pass:
+    """The pass that routes fitting projections to ``nt_gemm`` tiled for ``lanes``-wide
+    float32 vectors."""
+
+    @tvm.transform.module_pass(opt_level=0, name="DispatchCPUGemm")
+    def dispatch(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        dispatcher = _GemmDispatcher(mod, lanes)
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                dispatcher.builder_.update_func(gvar, dispatcher.visit_expr(func))
+        return dispatcher.builder_.get()
+
+    return dispatch

@@ -59,7 +59,8 @@ class CudaTarget(Target):
             ]),
         ]
 
-    def export(self, executable: tvm.runtime.Executable, path: Path) -> None:
+    def export(self, executable: tvm.runtime.Executable, path: Path,
+               choice: TargetChoice) -> None:
         executable.export_library(str(path))
 
     def device(self) -> tvm.runtime.Device:

@@ -11,7 +11,7 @@ from tvm.relax.frontend import nn
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import schedule_nt_matmul
+from qwen3c.schedules import nt_gemm, schedule_nt_matmul
 from qwen3c.targets import get_target
 
 
@@ -71,3 +71,17 @@ def test_schedule_declines_what_is_not_a_projection():
     a = te.placeholder((8, 4), name="a")
     doubled = te.compute((8, 4), lambda i, j: a[i, j] * 2.0, name="NT_matmul")
     assert schedule_nt_matmul(te.create_prim_func([a, doubled])) is None
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])  # NEON / AVX2 / AVX-512 tiles
+def test_register_tiled_gemm_any_vector_width(lanes):
+    n, k = 40, 64
+    kernel = tvm.compile(nt_gemm(n, k, "float32", lanes).with_attr("global_symbol", "gemm"),
+                         target="llvm")
+    rng = np.random.default_rng(lanes)
+    weight = rng.normal(size=(n, k)).astype(np.float32)
+    for m in (1, 6):  # the decode path and a partial prefill tile
+        x = rng.normal(size=(m, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
+        np.testing.assert_allclose(y.numpy(), x @ weight.T, rtol=1e-5, atol=1e-4)

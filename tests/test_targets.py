@@ -36,3 +36,11 @@ def test_cuda_refuses_moe_and_unknown_arch(make_checkpoint, tiny_checkpoint, tmp
 def test_targets_command_says_what_was_verified():
     shown = CliRunner().invoke(main, ["targets"]).output
     assert "llvm" in shown and "cuda" in shown and "never run" in shown
+
+
+def test_llvm_refuses_unknown_arch_and_cpu(tiny_checkpoint, tmp_path):
+    with pytest.raises(qwen3c.TargetError, match="riscv64"):
+        qwen3c.compile_model(tiny_checkpoint, arch="riscv64", output=tmp_path / "rv")
+    with pytest.raises(qwen3c.TargetError, match="no aarch64 CPU named 'pentium'"):
+        qwen3c.compile_model(tiny_checkpoint, arch="aarch64", cpu="pentium",
+                             output=tmp_path / "bad-cpu")
