@@ -1,11 +1,13 @@
 """NVIDIA GPUs through TVM's CUDA codegen, scheduled by TVM's dlight GPU rules.
 
-Compile-only so far: the build machines have no GPU. The library embeds CUDA C++ source, which
-TVM compiles for the device when the artifact is loaded on a machine with one.
+Compile-only so far: the build machines have no GPU. nvcc compiles the kernels at build time
+into a fatbin in the library (``cuda_fatbin.py``): machine code for the requested arch plus its
+PTX, which the driver can compile for newer GPUs.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from tvm import relax
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
 from qwen3c.targets.base import Phase, Target, TargetChoice
+from qwen3c.targets.cuda_fatbin import fatbin_packer
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -24,7 +27,8 @@ class CudaTarget(Target):
     description = "NVIDIA GPUs (sm_80, sm_90) via TVM's CUDA codegen and dlight schedules"
     device_kind = "cuda"
     verified = ("dense Qwen3 compiled here for sm_80/sm_90 in float16/bfloat16/float32, "
-                "also sharded (--tensor-parallel); never run (no GPU on the build machines; "
+                "kernels compiled by nvcc into SASS + PTX for the arch, also sharded "
+                "(--tensor-parallel); never run (no GPU on the build machines; "
                 "several GPUs also need a TVM built with NCCL); MoE not supported yet")
 
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
@@ -61,7 +65,9 @@ class CudaTarget(Target):
 
     def export(self, executable: tvm.runtime.Executable, path: Path,
                choice: TargetChoice) -> None:
-        executable.export_library(str(path))
+        if shutil.which("nvcc") is None:
+            raise TargetError("compiling for cuda needs nvcc (the CUDA toolkit) on PATH")
+        executable.export_library(str(path), fpack_imports=fatbin_packer(choice.arch))
 
     def device(self) -> tvm.runtime.Device:
         return tvm.cuda(0)
