@@ -105,15 +105,20 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
 @click.option("--router-stats", is_flag=True, help="MoE: print per-layer routing statistics.")
 @click.option("--router-stats-json", type=click.Path(path_type=Path), default=None,
               help="MoE: also write the routing statistics as JSON here.")
+@click.option("--reference-partitions", is_flag=True,
+              help="Ascend/MLU artifacts: run the offloaded partitions with qwen3c's CPU "
+                   "references (a check on a machine without the device).")
 def run_command(artifact: Path, prompt: str, chat: bool, think: bool, max_new_tokens: int,
                 temperature: float, top_k: int, top_p: float, seed: int | None,
                 stop: tuple[str, ...], threads: int | None, devices: str | None,
-                router_stats: bool, router_stats_json: Path | None) -> None:
+                router_stats: bool, router_stats_json: Path | None,
+                reference_partitions: bool) -> None:
     """Generate text from PROMPT with a compiled ARTIFACT (its directory or model.so)."""
     import qwen3c
     from qwen3c.runtime.router_stats import format_router_table
 
-    model = qwen3c.load(artifact, threads=threads, devices=devices)
+    model = qwen3c.load(artifact, threads=threads, devices=devices,
+                        reference_partitions=reference_partitions)
     if router_stats or router_stats_json:
         model.enable_router_stats()
     if prompt is None:

@@ -25,6 +25,7 @@ from qwen3c.compile.weights import (
 from qwen3c.errors import ConfigError, Qwen3cError
 from qwen3c.runtime.artifact import LIBRARY, MANIFEST, Manifest, ParamInfo, sha256_file
 from qwen3c.targets import get_target
+from qwen3c.targets.byoc_target import VENDOR_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -58,6 +59,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     backend.check_model(config)
     parallel = Parallelism(tensor_parallel, expert_parallel)
     parallel.check(config)
+    backend.check_parallel(parallel)
     scheme = parse_scheme(quant, quant_group)
     if scheme is not None:
         backend.check_quantization(scheme, parallel)
@@ -82,6 +84,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                        Path(dump_ir) if dump_ir else None)
     executable = relax.build(mod, target=tvm_target, relax_pipeline=None)
     backend.export(executable, output / LIBRARY, choice)
+    offload = backend.write_extras(mod, output)
 
     tokenizer_files = [n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
     for name in tokenizer_files:
@@ -104,6 +107,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         tokenizer_files=tuple(tokenizer_files),
         library_sha256=sha256_file(output / LIBRARY),
         compile_seconds=round(time.perf_counter() - started, 2),
+        offload=offload,
     )
     (output / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
     return output
@@ -134,7 +138,7 @@ def _prepare_output(output: Path) -> None:
 
 
 def _is_artifact_file(name: str) -> bool:
-    return (name in (LIBRARY, MANIFEST) or name in TOKENIZER_FILES
+    return (name in (LIBRARY, MANIFEST, VENDOR_DIR) or name in TOKENIZER_FILES
             or (name.startswith("weights-") and name.endswith(".safetensors")))
 
 

@@ -57,6 +57,8 @@ class Manifest:
     tokenizer_files: tuple[str, ...]
     library_sha256: str
     compile_seconds: float
+    # BYOC targets: partitions, vendor sources/library and their sha256 (byoc_target.py)
+    offload: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def config(self) -> Qwen3Config:
@@ -126,6 +128,8 @@ def verify_artifact(directory: Path, manifest: Manifest) -> None:
     except Qwen3cError as err:
         raise ArtifactError(str(err)) from None
     expected = {LIBRARY: manifest.library_sha256}
+    if manifest.offload:
+        expected |= manifest.offload["sha256"]
     for files in manifest.weight_files:
         expected |= files
     for name, digest in expected.items():

@@ -22,6 +22,7 @@ from tvm.runtime import ShapeTuple
 
 from qwen3c.errors import TargetError, WorkerError
 from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params
+from qwen3c.runtime.offload import attach_partitions
 from qwen3c.runtime.worker_side import take_failure
 from qwen3c.runtime.workers import WorkerProcesses, disco_module
 from qwen3c.targets import Target, get_target
@@ -58,10 +59,11 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     def __init__(self, directory: Path, manifest: Manifest, device: tvm.runtime.Device,
-                 threads: int | None):
+                 threads: int | None, reference_partitions: bool = False):
         self.threads = threads
-        self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(directory / LIBRARY)),
-                                            device)
+        library = tvm.runtime.load_module(str(directory / LIBRARY))
+        attach_partitions(library, directory, manifest, reference_partitions)
+        self._vm = tvm.relax.VirtualMachine(library, device)
         self._params = load_params(directory, manifest, device)
 
     def builtin(self, name: str, *args: Any) -> Any:
@@ -198,7 +200,7 @@ def parse_devices(text: str, kind: str) -> list[int]:
 
 
 def open_executor(directory: Path, manifest: Manifest, devices: str | None,
-                  threads: int | None) -> Executor:
+                  threads: int | None, reference_partitions: bool = False) -> Executor:
     """An executor for the artifact: local for one shard, a disco session for several."""
     target = get_target(manifest.target.name)
     shards = manifest.parallel.shards
@@ -210,5 +212,5 @@ def open_executor(directory: Path, manifest: Manifest, devices: str | None,
     threads = target.configure_threads(threads, workers=shards)
     if shards == 1:
         return LocalExecutor(directory, manifest, tvm.device(target.device_kind, ids[0]),
-                             threads)
+                             threads, reference_partitions)
     return ShardedExecutor(directory, manifest, target, ids, threads)

@@ -50,10 +50,11 @@ class GenerationResult:
 class Model:
     def __init__(self, directory: Path, manifest: Manifest, *, max_batch_size: int = 8,
                  kv_cache_tokens: int | None = None, threads: int | None = None,
-                 devices: str | None = None):
+                 devices: str | None = None, reference_partitions: bool = False):
         verify_artifact(directory, manifest)
         self.manifest = manifest
-        self.executor = open_executor(directory, manifest, devices, threads)
+        self.executor = open_executor(directory, manifest, devices, threads,
+                                      reference_partitions)
         self.threads = self.executor.threads
         self.tokenizer = Tokenizer.from_dir(directory)
         self.config = manifest.config()
@@ -259,14 +260,18 @@ class Model:
 
 
 def load(path: str | Path, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
-         threads: int | None = None, devices: str | None = None) -> Model:
+         threads: int | None = None, devices: str | None = None,
+         reference_partitions: bool = False) -> Model:
     """Load an artifact (its directory or its model.so) after checking it can run here.
 
     ``threads`` (default: TVM_NUM_THREADS, else the physical cores, shared out among the
     workers of a sharded artifact) takes effect only in a process that has not run a TVM kernel
     yet: TVM's thread pool is sized once. ``devices`` (``cpu:0,cpu:1``) places the shards of an
     artifact compiled with ``--tensor-parallel N``; by default they go to devices 0..N-1.
+    ``reference_partitions`` runs an Ascend or MLU artifact's partitions with qwen3c's CPU
+    references instead of the vendor library (to check it on a machine without the device).
     """
     directory, manifest = read_manifest(path)
     return Model(directory, manifest, max_batch_size=max_batch_size,
-                 kv_cache_tokens=kv_cache_tokens, threads=threads, devices=devices)
+                 kv_cache_tokens=kv_cache_tokens, threads=threads, devices=devices,
+                 reference_partitions=reference_partitions)

@@ -31,7 +31,8 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
 
     @T.prim_func(private=True, s_tir=True)
     def route(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True,
+                     "qwen3c.normalize": normalize})  # read by BYOC partitions
         n = T.int64()
         logits = T.match_buffer(var_logits, (n, T.int64(E)), "float32")
         weights = T.match_buffer(var_weights, (n, T.int64(K)), "float32")

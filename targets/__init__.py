@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from qwen3c.errors import TargetError
+from qwen3c.targets.ascend import AscendTarget
 from qwen3c.targets.base import Phase, Target, TargetChoice
 from qwen3c.targets.cuda import CudaTarget
 from qwen3c.targets.llvm import LlvmTarget
+from qwen3c.targets.mlu import MluTarget
 
-_REGISTRY: dict[str, Target] = {t.name: t for t in (LlvmTarget(), CudaTarget())}
+_REGISTRY: dict[str, Target] = {
+    t.name: t for t in (LlvmTarget(), CudaTarget(), AscendTarget(), MluTarget())}
 
 
 def get_target(name: str) -> Target:

@@ -54,6 +54,10 @@ class Target(ABC):
         """Raise ``TargetError`` for a model this target cannot compile."""
 
     @abstractmethod
+    def check_parallel(self, parallel: Any) -> None:
+        """Raise ``TargetError`` when this target cannot run a model cut over devices."""
+
+    @abstractmethod
     def check_quantization(self, scheme: Any, parallel: Any) -> None:
         """Raise ``TargetError`` when this target has no kernels for quantized weights
         (``schedules/quant.py``) in that configuration."""
@@ -67,6 +71,11 @@ class Target(ABC):
     @abstractmethod
     def export(self, executable: tvm.runtime.Executable, path: Path,
                choice: TargetChoice) -> None: ...
+
+    def write_extras(self, mod: tvm.IRModule, output: Path) -> dict[str, Any] | None:
+        """Write files beside the library from the compiled module; return what the
+        manifest records about them (None: nothing)."""
+        return None
 
     @abstractmethod
     def device(self) -> tvm.runtime.Device: ...

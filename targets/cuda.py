@@ -45,6 +45,9 @@ class CudaTarget(Target):
             raise TargetError("Qwen3-MoE cannot be compiled for cuda yet: qwen3c's expert "
                               "kernels are CPU-only")
 
+    def check_parallel(self, parallel: Any) -> None:
+        """Sharded models compile for cuda (NCCL collectives at run time)."""
+
     def check_quantization(self, scheme: Any, parallel: Any) -> None:
         raise TargetError("quantized weights cannot be compiled for cuda yet: qwen3c's "
                           "dequantizing kernels are CPU-only")

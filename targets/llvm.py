@@ -104,6 +104,9 @@ class LlvmTarget(Target):
     def check_model(self, config: Qwen3Config) -> None:
         """Dense and MoE Qwen3 both compile for the CPU."""
 
+    def check_parallel(self, parallel: Any) -> None:
+        """Tensor and expert parallelism run on CPU worker processes."""
+
     def check_quantization(self, scheme: Any, parallel: Any) -> None:
         if parallel.shards > 1:
             raise TargetError("quantized weights cannot be sharded yet: compile with --quant "

@@ -64,14 +64,16 @@ def make_checkpoint(tmp_path_factory, tokenizer_files):
 
 @pytest.fixture(scope="session")
 def make_artifact(tmp_path_factory):
-    """make_artifact(checkpoint, dtype=..., **compile options) -> artifact dir (cached)."""
+    """make_artifact(checkpoint, dtype=..., target=..., **compile options) -> artifact dir
+    (cached)."""
     made: dict[tuple, Path] = {}
 
-    def make(checkpoint: Path, dtype: str = "float32", **options) -> Path:
-        key = (checkpoint, dtype, tuple(sorted(options.items())))
+    def make(checkpoint: Path, dtype: str = "float32", target: str = "llvm",
+             **options) -> Path:
+        key = (checkpoint, dtype, target, tuple(sorted(options.items())))
         if key not in made:
-            output = tmp_path_factory.mktemp(f"artifact-{checkpoint.name}-{dtype}")
-            made[key] = qwen3c.compile_model(checkpoint, target="llvm", dtype=dtype,
+            output = tmp_path_factory.mktemp(f"artifact-{checkpoint.name}-{target}-{dtype}")
+            made[key] = qwen3c.compile_model(checkpoint, target=target, dtype=dtype,
                                              output=output, **options)
         return made[key]
 
