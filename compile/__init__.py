@@ -66,7 +66,8 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     tvm_target = backend.tvm_target(choice)
 
     with tvm_target:
-        model = Qwen3ForCausalLM(config, Build(dtype, parallel, scheme))
+        model = Qwen3ForCausalLM(
+            config, Build(dtype, parallel, scheme, gpu=tvm_target.kind.name == "cuda"))
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
                         quant_param(p))

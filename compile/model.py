@@ -35,7 +35,7 @@ from tvm.target import Target
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
-from qwen3c.schedules import moe, quant
+from qwen3c.schedules import moe, moe_gpu, quant
 from qwen3c.schedules.quant import QuantScheme
 
 ACCUMULATE = "float32"
@@ -106,12 +106,13 @@ def _is_one(dim) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Build:
-    """What this copy of the model is: its storage dtype, the shard it computes, and the
-    quantization of its projections."""
+    """What this copy of the model is: its storage dtype, the shard it computes, the
+    quantization of its projections, and whether its own kernels run on a GPU."""
 
     dtype: str
     parallel: Parallelism = SINGLE_DEVICE
     quant: QuantScheme | None = None
+    gpu: bool = False  # MoE kernels with thread bindings (schedules/moe_gpu.py)
 
 
 def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
@@ -224,8 +225,9 @@ class Qwen3MoeExperts(nn.Module):
     [E, H, I] (all experts, each cut by intermediate rows; or, expert parallel, a contiguous
     range of whole experts).
 
-    Tokens are grouped by expert so each expert's weights are read once per call, and experts
-    that no token chose are not read at all (see ``schedules/moe.py``).
+    On the CPU tokens are grouped by expert so each expert's weights are read once per call,
+    and experts that no token chose are not read at all (see ``schedules/moe.py``); on a GPU
+    every (token, slot) pair gets its own threads (``schedules/moe_gpu.py``).
     """
 
     def __init__(self, config: Qwen3Config, build: Build):
@@ -238,6 +240,7 @@ class Qwen3MoeExperts(nn.Module):
             1 if expert_parallel else parallel.shards)
         self.expert_parallel = expert_parallel
         self.dtype = dtype
+        self.gpu = build.gpu
         E, H, I = self.num_experts, self.hidden, self.intermediate
         self.gate_up_proj = nn.Parameter((E, 2 * I, H), dtype)
         self.down_proj = nn.Parameter((E, H, I), dtype)
@@ -259,6 +262,15 @@ class Qwen3MoeExperts(nn.Module):
         experts this shard holds."""
         E, k, H, I = self.num_experts, self.top_k, self.hidden, self.intermediate
         n = x.shape[0]
+        if self.gpu:
+            act = op.tensor_ir_op(
+                moe_gpu.moe_gate_up_silu(E, k, H, I, self.dtype), "moe_gate_up_silu",
+                [x, self.gate_up_proj, experts, self.first_expert()],
+                Tensor.placeholder((n * k, I), self.dtype))
+            return op.tensor_ir_op(
+                moe_gpu.moe_down_sum(E, k, H, I, self.dtype), "moe_down_sum",
+                [act, self.down_proj, experts, self.first_expert(), weights],
+                Tensor.placeholder((n, H), ACCUMULATE))
         offsets, order = op.tensor_ir_op(
             moe.moe_group(E, k), "moe_group", [experts, self.first_expert()],
             [Tensor.placeholder((E + 1,), "int32"), Tensor.placeholder((n * k,), "int32")])
@@ -280,6 +292,7 @@ class Qwen3MoeBlock(nn.Module):
                            dtype=build.dtype)
         self.experts = Qwen3MoeExperts(config, build)
         self.all_reduce = build.parallel.shards > 1
+        self.kernels = moe_gpu if build.gpu else moe
 
     def forward(self, x: Tensor, router_stats: RouterStats | None = None) -> Tensor:
         batch, seq_len, hidden = x.shape
@@ -287,11 +300,12 @@ class Qwen3MoeBlock(nn.Module):
         n, E, k = tokens.shape[0], self.num_experts, self.top_k
         logits = self.gate(tokens).astype(ACCUMULATE)
         weights, experts = op.tensor_ir_op(
-            moe.moe_route(E, k, self.norm_topk_prob), "moe_route", [logits],
+            self.kernels.moe_route(E, k, self.norm_topk_prob), "moe_route", [logits],
             [Tensor.placeholder((n, k), ACCUMULATE), Tensor.placeholder((n, k), "int32")])
         if router_stats is not None:
             router_stats.append(op.tensor_ir_op(
-                moe.moe_router_stats(E, k), "moe_router_stats", [logits, weights, experts],
+                self.kernels.moe_router_stats(E, k), "moe_router_stats",
+                [logits, weights, experts],
                 Tensor.placeholder((3, E), ACCUMULATE)))
         out = self.experts(tokens, weights, experts)
         if self.all_reduce:

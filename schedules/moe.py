@@ -24,10 +24,45 @@ from tvm.script import tirx as T
 ROWS = 16
 
 
-def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
-    """Softmax over all experts, the k largest (lowest index first on ties, as torch.topk),
-    renormalised to sum to one when ``normalize`` (HF's ``norm_topk_prob``)."""
+def route_token(num_experts: int, top_k: int, normalize: bool):
+    """The routing of token ``t`` (a TVMScript macro, shared with the GPU kernel): softmax over
+    all experts, the k largest (lowest index first on ties, as torch.topk), renormalised to
+    sum to one when ``normalize`` (HF's ``norm_topk_prob``). ``probs``, ``stat`` and ``best``
+    are scratch buffers of E, 2 and 1 values."""
     E, K = num_experts, top_k
+
+    @T.macro
+    def route(logits, weights, experts, probs, stat, best, t):
+        stat[0] = T.float32(-3.0e38)
+        for e in range(E):
+            stat[0] = T.max(stat[0], logits[t, e])
+        stat[1] = T.float32(0)
+        for e in range(E):
+            probs[e] = T.exp(logits[t, e] - stat[0])
+            stat[1] = stat[1] + probs[e]
+        for e in range(E):
+            probs[e] = probs[e] / stat[1]
+        stat[1] = T.float32(0)
+        for s in range(K):
+            best[0] = 0
+            for e in range(1, E):
+                if probs[e] > probs[best[0]]:
+                    best[0] = T.int32(e)
+            weights[t, s] = probs[best[0]]
+            experts[t, s] = best[0]
+            stat[1] = stat[1] + probs[best[0]]
+            probs[best[0]] = T.float32(-1.0)  # taken: below every probability
+        if normalize:
+            for s in range(K):
+                weights[t, s] = weights[t, s] / stat[1]
+
+    return route
+
+
+def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
+    """``route_token`` for every token, tokens in parallel."""
+    E, K = num_experts, top_k
+    route_one = route_token(E, K, normalize)
 
     @T.prim_func(private=True, s_tir=True)
     def route(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle):
@@ -42,28 +77,7 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
                 probs = T.sblock_alloc_buffer((E,), "float32")
                 stat = T.sblock_alloc_buffer((2,), "float32")  # running max, then sums
                 best = T.sblock_alloc_buffer((1,), "int32")
-                stat[0] = T.float32(-3.0e38)
-                for e in range(E):
-                    stat[0] = T.max(stat[0], logits[t, e])
-                stat[1] = T.float32(0)
-                for e in range(E):
-                    probs[e] = T.exp(logits[t, e] - stat[0])
-                    stat[1] = stat[1] + probs[e]
-                for e in range(E):
-                    probs[e] = probs[e] / stat[1]
-                stat[1] = T.float32(0)
-                for s in range(K):
-                    best[0] = 0
-                    for e in range(1, E):
-                        if probs[e] > probs[best[0]]:
-                            best[0] = T.int32(e)
-                    weights[t, s] = probs[best[0]]
-                    experts[t, s] = best[0]
-                    stat[1] = stat[1] + probs[best[0]]
-                    probs[best[0]] = T.float32(-1.0)  # taken: below every probability
-                if normalize:
-                    for s in range(K):
-                        weights[t, s] = weights[t, s] / stat[1]
+                route_one(logits, weights, experts, probs, stat, best, t)
 
     return route
 
@@ -177,10 +191,36 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
     return down
 
 
+def sum_router_stats(num_experts: int, top_k: int):
+    """Accumulate the router statistics of all tokens into ``stats`` (a TVMScript macro, shared
+    with the GPU kernel); ``stat`` is a scratch buffer of 2 values."""
+    E, K = num_experts, top_k
+
+    @T.macro
+    def accumulate(logits, weights, experts, stats, stat, n):
+        for r, e in T.grid(3, E):
+            stats[r, e] = T.float32(0)
+        for t in range(n):
+            for s in range(K):
+                stats[0, experts[t, s]] = stats[0, experts[t, s]] + T.float32(1)
+                stats[1, experts[t, s]] = stats[1, experts[t, s]] + weights[t, s]
+            stat[0] = T.float32(-3.0e38)
+            for e in range(E):
+                stat[0] = T.max(stat[0], logits[t, e])
+            stat[1] = T.float32(0)
+            for e in range(E):
+                stat[1] = stat[1] + T.exp(logits[t, e] - stat[0])
+            for e in range(E):
+                stats[2, e] = stats[2, e] + T.exp(logits[t, e] - stat[0]) / stat[1]
+
+    return accumulate
+
+
 def moe_router_stats(num_experts: int, top_k: int) -> tirx.PrimFunc:
     """Per expert: tokens routed to it, their summed routing weight, and the summed softmax
     probability over all tokens (the P_i of the Switch-Transformer balance loss)."""
     E, K = num_experts, top_k
+    accumulate = sum_router_stats(E, K)
 
     @T.prim_func(private=True, s_tir=True)
     def router_stats(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle,
@@ -192,19 +232,6 @@ def moe_router_stats(num_experts: int, top_k: int) -> tirx.PrimFunc:
         experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
         with T.sblock("router_stats"):
             stat = T.sblock_alloc_buffer((2,), "float32")  # max, sum of exp
-            for r, e in T.grid(3, E):
-                stats[r, e] = T.float32(0)
-            for t in range(n):
-                for s in range(K):
-                    stats[0, experts[t, s]] = stats[0, experts[t, s]] + T.float32(1)
-                    stats[1, experts[t, s]] = stats[1, experts[t, s]] + weights[t, s]
-                stat[0] = T.float32(-3.0e38)
-                for e in range(E):
-                    stat[0] = T.max(stat[0], logits[t, e])
-                stat[1] = T.float32(0)
-                for e in range(E):
-                    stat[1] = stat[1] + T.exp(logits[t, e] - stat[0])
-                for e in range(E):
-                    stats[2, e] = stats[2, e] + T.exp(logits[t, e] - stat[0]) / stat[1]
+            accumulate(logits, weights, experts, stats, stat, n)
 
     return router_stats

@@ -1,13 +1,17 @@
-"""The MoE kernels in schedules/moe.py against numpy, including degenerate routings."""
+"""The MoE kernels in schedules/moe.py against numpy, including degenerate routings, and the
+GPU kernels of schedules/moe_gpu.py against them."""
 
 from __future__ import annotations
+
+import re
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from tvm.script import from_source
 
-from qwen3c.schedules import moe
+from qwen3c.schedules import moe, moe_gpu
 from qwen3c.targets import get_target
 
 E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
@@ -128,3 +132,48 @@ def test_expert_shards_sum_to_the_whole(routing):
     expected = mlp(whole, 0, slice(None))
     shards = mlp(shard, 0, slice(0, half)) + mlp(shard, half, slice(half, E))
     np.testing.assert_allclose(shards, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def threads_as_loops(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A GPU kernel whose thread-bound loops run as serial loops: the same results, since no
+    thread of these kernels reads what another writes, and it runs on this GPU-less host."""
+    text = re.sub(r'T\.thread_binding\(([^,]+), thread="[a-zA-Z.]+"\)', r"T.serial(\1)",
+                  func.script())
+    assert "thread_binding" not in text
+    return from_source(text)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("routing", ["spread", "crowded"])
+@pytest.mark.parametrize("n, first, local_experts", [(1, 0, E), (13, 0, E), (13, 4, E // 2)])
+def test_gpu_kernels_compute_what_the_cpu_kernels_do(dtype, routing, n, first, local_experts):
+    funcs = {"route": moe_gpu.moe_route(E, K, True),
+             "gate_up": moe_gpu.moe_gate_up_silu(local_experts, K, H, I, dtype),
+             "down": moe_gpu.moe_down_sum(local_experts, K, H, I, dtype),
+             "stats": moe_gpu.moe_router_stats(E, K)}
+    gpu = tvm.compile(tvm.IRModule({name: threads_as_loops(f).with_attr("global_symbol", name)
+                                    for name, f in funcs.items()}), target="llvm")
+    cpu = build(True, dtype, local_experts)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(n, E)).astype(np.float32)
+    route_outputs = [((n, K), "float32"), ((n, K), "int32")]
+    np.testing.assert_array_equal(run(gpu, "route", logits, outputs=route_outputs)[1],
+                                  run(cpu, "route", logits, outputs=route_outputs)[1])
+    experts = routings(n)[routing]
+    weights = rng.uniform(0.1, 1.0, (n, K)).astype(np.float32)
+    x = rng.normal(size=(n, H)).astype(np_dtype)
+    held = slice(first, first + local_experts)
+    w_gate_up = (rng.normal(size=(E, 2 * I, H)) * 0.3).astype(np_dtype)[held]
+    w_down = (rng.normal(size=(E, H, I)) * 0.3).astype(np_dtype)[held]
+    start = np.array([first], np.int64)
+
+    (act,) = run(gpu, "gate_up", x, w_gate_up, experts, start, outputs=[((n * K, I), dtype)])
+    (ours,) = run(gpu, "down", act, w_down, experts, start, weights,
+                  outputs=[((n, H), "float32")])
+    offsets, order = run(cpu, "group", experts, start,
+                         outputs=[((local_experts + 1,), "int32"), ((n * K,), "int32")])
+    (act,) = run(cpu, "gate_up", x, w_gate_up, offsets, order, outputs=[((n * K, I), dtype)])
+    (expected,) = run(cpu, "down", act, w_down, offsets, order, weights,
+                      outputs=[((n, H), "float32")])
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

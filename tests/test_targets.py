@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 
 import pytest
@@ -44,18 +45,52 @@ def test_cuda_artifact_builds_and_embeds_device_code(tiny_checkpoint, tmp_path, 
         qwen3c.load(out)
 
 
-def test_cuda_refuses_moe_and_unknown_arch(make_checkpoint, tiny_checkpoint, tmp_path):
-    with pytest.raises(qwen3c.TargetError, match="CPU-only"):
-        qwen3c.compile_model(make_checkpoint("moe-cli", moe=True), target="cuda",
-                             output=tmp_path / "moe")
+def test_cuda_refuses_unknown_arch(tiny_checkpoint, tmp_path):
     with pytest.raises(qwen3c.TargetError, match="sm_70"):
         qwen3c.compile_model(tiny_checkpoint, target="cuda", arch="sm_70",
                              output=tmp_path / "old")
 
 
+CLI_TARGETS = {
+    "llvm": [],
+    "llvm-aarch64": ["--arch", "aarch64"],
+    "cuda": ["--arch", "sm_90"],
+    "ascend": [],
+    "mlu": [],
+}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("name", CLI_TARGETS)
+def test_every_target_compiles_from_the_cli(name, moe, make_checkpoint, tmp_path):
+    if name == "llvm-aarch64" and shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ (apt-get install g++-aarch64-linux-gnu)")
+    checkpoint = make_checkpoint("moe" if moe else "tiny", moe=moe)
+    target = name.split("-")[0]
+    result = CliRunner().invoke(main, ["compile", str(checkpoint), "--target", target,
+                                       *CLI_TARGETS[name], "--dtype", "bfloat16",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    _, manifest = read_manifest(tmp_path / "out")
+    assert manifest.target.name == target and manifest.architecture.endswith(
+        "MoeForCausalLM" if moe else "Qwen3ForCausalLM")
+
+
+def test_unknown_target_and_arch_are_refused_from_the_cli(tiny_checkpoint, tmp_path):
+    for options, message in ((["--target", "tpu"], "unknown target 'tpu'"),
+                             (["--target", "cuda", "--arch", "sm_75"], "unsupported arch"),
+                             (["--arch", "riscv64"], "unsupported arch")):
+        result = CliRunner().invoke(main, ["compile", str(tiny_checkpoint), *options,
+                                           "-o", str(tmp_path / "x")])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
 def test_targets_command_says_what_was_verified():
     shown = CliRunner().invoke(main, ["targets"]).output
-    assert "llvm" in shown and "cuda" in shown and "never run" in shown
+    for name in ("llvm", "cuda", "ascend", "mlu"):
+        assert f"\n{name}" in "\n" + shown
+    assert "never run" in shown and "qemu" in shown and "compile" in shown
 
 
 def test_llvm_refuses_unknown_arch_and_cpu(tiny_checkpoint, tmp_path):
