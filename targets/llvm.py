@@ -1,7 +1,8 @@
 """CPU through LLVM: x86-64 and aarch64 (cross-compiled with Debian's aarch64 GNU toolchain).
 
-Kernels are vectorised for the chosen CPU: the register-tiled GEMM takes its vector width from
-the target's features (AVX-512: 16 float32 lanes, AVX2: 8, NEON: 4).
+Kernels are vectorised for the chosen CPU: the register-tiled GEMM takes its vector width and
+register count from the target's features (AVX-512: 32 x 16 float32 lanes, AVX2: 16 x 8,
+NEON: 32 x 4).
 """
 
 from __future__ import annotations
@@ -48,15 +49,15 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
-def float32_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of the target's widest vector register the kernels should use."""
+def vector_unit(target: tvm.target.Target) -> tuple[int, int]:
+    """(float32 lanes, count) of the vector registers the kernels should use."""
     if "arm_cpu" in target.keys:
-        return 4  # NEON; SVE's width is only known at run time
+        return 4, 32  # NEON; SVE's width is only known at run time
     if tvm.target.codegen.llvm_cpu_has_features("avx512f", target):
-        return 16
+        return 16, 32
     if tvm.target.codegen.llvm_cpu_has_features("avx2", target):
-        return 8
-    return 4  # SSE
+        return 8, 16
+    return 4, 16  # SSE
 
 
 def physical_cores() -> int:
@@ -128,7 +129,7 @@ class LlvmTarget(Target):
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
         return [
             Phase("kernels", "route projections to qwen3c's register-tiled GEMM (schedules)", [
-                dispatch_cpu_gemm(float32_lanes(tvm_target)),
+                dispatch_cpu_gemm(*vector_unit(tvm_target)),
                 relax.transform.DeadCodeElimination(),
             ]),
             Phase("prepare", "fold remaining transposes into matmuls before lowering", [

@@ -73,14 +73,15 @@ def test_schedule_declines_what_is_not_a_projection():
     assert schedule_nt_matmul(te.create_prim_func([a, doubled])) is None
 
 
-@pytest.mark.parametrize("lanes", [4, 8, 16])  # NEON / AVX2 / AVX-512 tiles
-def test_register_tiled_gemm_any_vector_width(lanes):
-    n, k = 40, 64
-    kernel = tvm.compile(nt_gemm(n, k, "float32", lanes).with_attr("global_symbol", "gemm"),
-                         target="llvm")
+@pytest.mark.parametrize("lanes, registers", [(4, 32), (8, 16), (16, 32)])  # NEON/AVX2/512
+@pytest.mark.parametrize("n", [40, 96, 128])  # panels of 8, 32 and 64 or 16 weight rows
+def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
+    k = 64
+    kernel = tvm.compile(nt_gemm(n, k, "float32", lanes, registers).with_attr(
+        "global_symbol", "gemm"), target="llvm")
     rng = np.random.default_rng(lanes)
     weight = rng.normal(size=(n, k)).astype(np.float32)
-    for m in (1, 6):  # the decode path and a partial prefill tile
+    for m in (1, 6, 17):  # the decode path, full and partial prefill tiles
         x = rng.normal(size=(m, k)).astype(np.float32)
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
