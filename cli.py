@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -319,31 +321,36 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
             rows.append(bench.peak_memory_row(rows[0].engine, model.executor.worker_pids()))
         return rows
 
+    def measured(path: Path, **options) -> tuple[list, Any]:
+        """Rows and manifest of one artifact, its memory released before the next engine
+        loads (each engine's peak memory is its own)."""
+        with qwen3c.load(path, threads=threads, **options) as model:
+            return timed(model), (model.manifest, model.vocab_size, model.threads)
+
     other_rows = []
     if other is not None:  # first: a sharded artifact would resize this process's threads
-        with qwen3c.load(other, threads=threads) as other_model:
-            other_rows = timed(other_model)
+        other_rows = measured(other)[0]
+        gc.collect()
         bench.reset_peak_memory()
-    model = qwen3c.load(artifact, threads=threads, devices=devices)
-    rows = timed(model)
+    rows, (manifest, vocab_size, threads_used) = measured(artifact, devices=devices)
+    gc.collect()
     if other_rows and other_rows[0].engine == rows[0].engine:  # same kind: name it by path
         other_rows = [dataclasses.replace(r, engine=f"{r.engine}:{other.name}")
                       for r in other_rows]
     rows += other_rows
-    threads_used = model.threads
     if hf_dir is not None:
         bench.reset_peak_memory()
-        prompts, decode_prompt = bench.standard_prompts(model.vocab_size, lengths)
-        rows += bench.bench_hf(hf_dir, model.manifest.dtype, threads_used, prompts,
+        prompts, decode_prompt = bench.standard_prompts(vocab_size, lengths)
+        rows += bench.bench_hf(hf_dir, manifest.dtype, threads_used, prompts,
                                decode_prompt, decode_tokens, runs)
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
-    click.echo(f"{artifact}: {model.manifest.dtype}, {threads_used or 'device'} threads, "
+    click.echo(f"{artifact}: {manifest.dtype}, {threads_used or 'device'} threads, "
                f"median of {runs}")
     click.echo(bench.format_table(rows))
     if json_path is not None:
         bench.write_json(json_path, rows, {"artifact": str(artifact), "threads": threads_used,
-                                           "dtype": model.manifest.dtype, "runs": runs,
+                                           "dtype": manifest.dtype, "runs": runs,
                                            "decode_tokens": decode_tokens})
 
 
