@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,7 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
         f"quantized     {_describe_quant(manifest.quant)}",
         f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
+        f"offloaded     {_describe_offload(manifest.offload)}",
         f"context       {manifest.context_length} tokens, prefill chunk "
         f"{manifest.prefill_chunk_size}",
         f"built with    qwen3c {manifest.qwen3c_version}, TVM {manifest.tvm_version}, "
@@ -235,6 +237,16 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
     for name, signature in manifest.entry_points.items():
         lines.append(f"  {name}({', '.join(signature['params'])}) -> {signature['returns']}")
     click.echo("\n".join(lines + _shard_layout(manifest)))
+
+
+def _describe_offload(offload: dict | None) -> str:
+    """What the BYOC partitions of an Ascend or MLU artifact take, and their library."""
+    if offload is None:
+        return "nothing (the whole graph runs on the target)"
+    ops = Counter(partition["op"] for partition in offload["partitions"])
+    taken = ", ".join(f"{op} x{count}" for op, count in sorted(ops.items()))
+    return (f"{len(offload['partitions'])} partitions ({taken}); library "
+            f"{offload['library'] or 'none'}: {offload['build']}")
 
 
 def _describe_quant(quant: dict[str, int] | None) -> str:
@@ -307,6 +319,7 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     beside HF transformers or another artifact."""
     import qwen3c
     from qwen3c.runtime import bench
+    from qwen3c.targets import get_target
 
     try:
         lengths = [int(n) for n in prompt_lengths.split(",")]
@@ -341,8 +354,8 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     if hf_dir is not None:
         bench.reset_peak_memory()
         prompts, decode_prompt = bench.standard_prompts(vocab_size, lengths)
-        rows += bench.bench_hf(hf_dir, manifest.dtype, threads_used, prompts,
-                               decode_prompt, decode_tokens, runs)
+        rows += bench.bench_hf(hf_dir, manifest.dtype, threads_used, prompts, decode_prompt,
+                               decode_tokens, runs, get_target(manifest.target.name).device_kind)
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
     click.echo(f"{artifact}: {manifest.dtype}, {threads_used or 'device'} threads, "

@@ -154,6 +154,8 @@ def test_cli_runs_reference_partitions(tiny_checkpoint, make_artifact):
     result = CliRunner().invoke(main, ["run", str(artifact), "--prompt", "hello",
                                        "--max-new-tokens", "4", "--reference-partitions"])
     assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
+    assert "partitions (matmul x" in shown and "NEUWARE_HOME is not set" in shown
     refused = CliRunner().invoke(main, ["run", str(artifact), "--prompt", "hello"])
     assert refused.exit_code != 0 and "NEUWARE_HOME" in refused.output
     assert "Traceback" not in refused.output
