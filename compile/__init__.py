@@ -83,7 +83,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
 
     mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
                        Path(dump_ir) if dump_ir else None)
-    executable = relax.build(mod, target=tvm_target, relax_pipeline=None)
+    executable = backend.build(mod, tvm_target, choice)
     backend.export(executable, output / LIBRARY, choice)
     offload = backend.write_extras(mod, output)
 

@@ -61,6 +61,7 @@ class LocalExecutor(Executor):
     def __init__(self, directory: Path, manifest: Manifest, device: tvm.runtime.Device,
                  threads: int | None, reference_partitions: bool = False):
         self.threads = threads
+        self._device = device
         library = tvm.runtime.load_module(str(directory / LIBRARY))
         attach_partitions(library, directory, manifest, reference_partitions)
         self._vm = tvm.relax.VirtualMachine(library, device)
@@ -74,8 +75,8 @@ class LocalExecutor(Executor):
 
     def run(self, entry: str, inputs: Sequence[np.ndarray], kv_cache: Any,
             outputs: int = 1) -> list[np.ndarray]:
-        result = self._vm[entry](*(tvm.runtime.tensor(a) for a in inputs), kv_cache,
-                                 self._params)
+        on_device = (tvm.runtime.tensor(a, self._device) for a in inputs)
+        result = self._vm[entry](*on_device, kv_cache, self._params)
         return [result.numpy()] if outputs == 1 else [r.numpy() for r in result]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tvm
+from tvm import relax
 
 from qwen3c.compile.config import Qwen3Config
 
@@ -67,6 +68,12 @@ class Target(ABC):
 
     @abstractmethod
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]: ...
+
+    def build(self, mod: tvm.IRModule, tvm_target: tvm.target.Target,
+              choice: TargetChoice) -> tvm.runtime.Executable:
+        """The lowered module, built into an executable (code generation for host and
+        device)."""
+        return relax.build(mod, target=tvm_target, relax_pipeline=None)
 
     @abstractmethod
     def export(self, executable: tvm.runtime.Executable, path: Path,

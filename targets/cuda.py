@@ -17,7 +17,7 @@ from tvm import relax
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
 from qwen3c.targets.base import Phase, Target, TargetChoice
-from qwen3c.targets.cuda_fatbin import fatbin_packer
+from qwen3c.targets.cuda_fatbin import fatbin_packer, nvcc_as_cuda_compiler
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -64,10 +64,14 @@ class CudaTarget(Target):
             ]),
         ]
 
+    def build(self, mod: tvm.IRModule, tvm_target: tvm.target.Target,
+              choice: TargetChoice) -> tvm.runtime.Executable:
+        _require_nvcc()
+        with nvcc_as_cuda_compiler(choice.arch):
+            return super().build(mod, tvm_target, choice)
+
     def export(self, executable: tvm.runtime.Executable, path: Path,
                choice: TargetChoice) -> None:
-        if shutil.which("nvcc") is None:
-            raise TargetError("compiling for cuda needs nvcc (the CUDA toolkit) on PATH")
         executable.export_library(str(path), fpack_imports=fatbin_packer(choice.arch))
 
     def device(self) -> tvm.runtime.Device:
@@ -90,3 +94,8 @@ class CudaTarget(Target):
         if not tvm.cuda(0).exist:
             raise TargetError(f"this artifact runs on an NVIDIA GPU ({choice.arch}); no CUDA "
                               "device is visible on this machine")
+
+
+def _require_nvcc() -> None:
+    if shutil.which("nvcc") is None:
+        raise TargetError("compiling for cuda needs nvcc (the CUDA toolkit) on PATH")

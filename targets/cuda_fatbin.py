@@ -1,10 +1,14 @@
 """Put nvcc-compiled device code into a cuda library instead of CUDA C++ source.
 
-The pinned TVM wheel has no CUDA runtime, so its codegen stores each cuda module as source
-(format ``"cuda"``), which TVM would compile when the library is loaded on a GPU machine (with
-nvrtc or nvcc there). qwen3c compiles that source with nvcc at build time, for the requested
-arch, and packs the result instead: ``export_library(fpack_imports=...)`` hands us the packing
-of the imported modules, where we rewrite every cuda module's payload to a fatbin.
+Where the CUDA driver is missing (a build machine without a GPU), TVM's CUDA runtime library
+does not load and codegen stores each cuda module as source (format ``"cuda"``), which TVM
+would compile when the library is loaded on a GPU machine. qwen3c compiles that source with
+nvcc at build time, for the requested arch, and packs the result instead:
+``export_library(fpack_imports=...)`` hands us the packing of the imported modules, where we
+rewrite every cuda module's payload to a fatbin. Where the driver is present, codegen compiles
+each module at once through the global ``tvm_callback_cuda_compile`` (by default nvrtc, to a
+cubin): ``nvcc_as_cuda_compiler`` makes that the same nvcc fatbin for the requested arch, so an
+artifact does not depend on the machine that built it.
 
 The packed layout (TVM's ``ModuleSerializer``, src/target/codegen.cc): an 8-byte length, two
 u64 vectors (the import tree), then per module group its kind (a string) and, except for the
@@ -15,12 +19,15 @@ strings, vectors and bytes are each a little-endian u64 count followed by the it
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm.support import nvcc
 
+COMPILE_CALLBACK = "tvm_callback_cuda_compile"
 HOST_LIBRARY = "_lib"
 CUDA_KIND = "cuda"
 SOURCE_FORMAT = "cuda"
@@ -112,6 +119,18 @@ def nvcc_fatbin(arch: str) -> Callable[[str], bytes]:
                                            compiler="nvcc"))
 
     return compile_source
+
+
+@contextmanager
+def nvcc_as_cuda_compiler(arch: str) -> Iterator[None]:
+    """Within the block, TVM compiles cuda modules with ``nvcc_fatbin(arch)`` (used where the
+    CUDA runtime is present); TVM's own callback (``tvm.support.nvcc``) is restored after."""
+    previous = tvm_ffi.get_global_func(COMPILE_CALLBACK)
+    tvm_ffi.register_global_func(COMPILE_CALLBACK, nvcc_fatbin(arch), override=True)
+    try:
+        yield
+    finally:
+        tvm_ffi.register_global_func(COMPILE_CALLBACK, previous, override=True)
 
 
 def fatbin_packer(arch: str) -> Callable[..., str]:
