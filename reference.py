@@ -25,27 +25,39 @@ def _transformers():
 
 
 class HFReference:
-    """An HF model loaded from a local checkpoint (never the hub), in a chosen dtype."""
+    """An HF model loaded from a local checkpoint (never the hub), in a chosen dtype, on a torch
+    device ("cpu", or "cuda" to time HF beside a cuda artifact on the same GPU)."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", threads: int | None = None):
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", threads: int | None = None,
+                 device: str = "cpu"):
         torch, transformers = _transformers()
         self._torch = torch
+        self._device = torch.device(device)
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), local_files_only=True).eval()
+            str(model_dir), dtype=getattr(torch, dtype),
+            local_files_only=True).to(self._device).eval()
+
+    def _tensor(self, ids: list[int]):
+        return self._torch.tensor([ids], dtype=self._torch.long, device=self._device)
+
+    def _synchronize(self) -> None:
+        """Wait for queued GPU work, so a timing covers the work and not its launch."""
+        if self._device.type == "cuda":
+            self._torch.cuda.synchronize()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self._torch.inference_mode():
-            out = self.model(self._torch.tensor([ids], dtype=self._torch.long))
-        return out.logits[0].float().numpy()
+            out = self.model(self._tensor(ids))
+        return out.logits[0].float().cpu().numpy()
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation without any stop token."""
         torch = self._torch
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([ids], dtype=torch.long),
-                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = self.model.generate(self._tensor(ids),
+                                      attention_mask=torch.ones_like(self._tensor(ids)),
                                       max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=None, pad_token_id=0, use_cache=True)
@@ -55,6 +67,7 @@ class HFReference:
         """Seconds for a greedy generation of exactly ``max_new_tokens`` tokens."""
         started = time.perf_counter()
         self.greedy(ids, max_new_tokens)
+        self._synchronize()
         return time.perf_counter() - started
 
     def time_prefill(self, ids: list[int]) -> float:
@@ -62,5 +75,6 @@ class HFReference:
         torch = self._torch
         with torch.inference_mode():
             started = time.perf_counter()
-            self.model(torch.tensor([ids], dtype=torch.long), use_cache=True, logits_to_keep=1)
+            self.model(self._tensor(ids), use_cache=True, logits_to_keep=1)
+            self._synchronize()
             return time.perf_counter() - started

@@ -71,10 +71,12 @@ def _vm_hwm_kib(pid: int | str) -> int:
 
 
 def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int, list[int]],
-             decode_prompt: list[int], decode_tokens: int, runs: int) -> list[BenchRow]:
+             decode_prompt: list[int], decode_tokens: int, runs: int,
+             device: str = "cpu") -> list[BenchRow]:
+    """HF eager on the torch device the artifact runs on ("cpu" or "cuda")."""
     from qwen3c.reference import HFReference
 
-    reference = HFReference(model_dir, dtype, threads=threads)
+    reference = HFReference(model_dir, dtype, threads=threads, device=device)
     reference.time_generate(decode_prompt, 4)  # warm-up
 
     def decode_rate() -> float:

@@ -1,5 +1,5 @@
 """cuda artifacts on a real NVIDIA GPU against HF transformers. Skipped where there is no GPU
-(every machine this project has run on so far: these tests have never run)."""
+(CI has none; these ran on an H100 lent to one session: see README, "cuda")."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import qwen3c
 from qwen3c.reference import HFReference
 
 pytestmark = pytest.mark.skipif(not tvm.cuda(0).exist, reason="needs an NVIDIA GPU")
+
+WIDER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=32)
 
 
 def gpu_arch() -> str:
@@ -28,3 +31,24 @@ def test_cuda_logits_and_greedy_tokens_match_hf(moe, make_checkpoint, make_artif
     assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
     generated = model.generate(ids[:8], max_new_tokens=16, stop=None).token_ids
     assert generated == hf.greedy(ids[:8], len(generated))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_16bit_is_as_close_to_float32_as_hf_on_the_gpu(dtype, make_checkpoint,
+                                                            make_artifact):
+    checkpoint = make_checkpoint("gpu-wide", **WIDER)
+    model = qwen3c.load(make_artifact(checkpoint, dtype=dtype, target="cuda", arch=gpu_arch()))
+    ids = np.random.default_rng(5).integers(0, model.vocab_size, 64).tolist()
+    exact = HFReference(checkpoint, "float32").logits(ids)
+    hf_16bit = HFReference(checkpoint, dtype, device="cuda").logits(ids)
+    ours = model.logits(ids)
+
+    def top1_agreement(logits: np.ndarray) -> float:
+        return float(np.mean(logits.argmax(-1) == exact.argmax(-1)))
+
+    # Near-ties flip either way on a GPU (other summation orders than HF's kernels): one
+    # position of 64 may differ; the error bound below is the strict check.
+    ours_error, hf_error = np.abs(ours - exact).max(), np.abs(hf_16bit - exact).max()
+    assert top1_agreement(ours) >= top1_agreement(hf_16bit) - 1 / len(ids), (ours_error, hf_error)
+    assert ours_error <= 1.5 * hf_error, (ours_error, hf_error)
+    assert ours_error > 0  # the artifact really computed in 16-bit

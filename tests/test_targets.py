@@ -6,6 +6,7 @@ import shutil
 import struct
 
 import pytest
+import tvm
 from click.testing import CliRunner
 
 import qwen3c
@@ -41,8 +42,9 @@ def test_cuda_artifact_builds_and_embeds_device_code(tiny_checkpoint, tmp_path, 
     # nvcc compiled the kernels at build time: machine code and PTX for the arch, no source.
     assert fatbin_entries(library) == [("ptx", int(arch[3:])), ("elf", int(arch[3:]))]
     assert b"__global__" not in library
-    with pytest.raises(qwen3c.ArtifactError, match="no CUDA device"):
-        qwen3c.load(out)
+    if not tvm.cuda(0).exist:  # where there is a GPU, test_gpu.py runs such artifacts
+        with pytest.raises(qwen3c.ArtifactError, match="no CUDA device"):
+            qwen3c.load(out)
 
 
 def test_cuda_refuses_unknown_arch(tiny_checkpoint, tmp_path):

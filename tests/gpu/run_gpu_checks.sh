@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU (and nvcc): HF parity of cuda artifacts, then a decode and
-# prefill benchmark of a Qwen3-0.6B-shaped random checkpoint against HF on the same GPU.
-# Never run so far: no GPU was available to this project. Usage: tests/gpu/run_gpu_checks.sh [OUT]
+# On a machine with an NVIDIA GPU (and nvcc): HF parity of cuda artifacts (pytest), then decode
+# and prefill of the Qwen3-0.6B and MoE-small shapes (random weights) against HF transformers
+# eager on the same GPU. Usage: tests/gpu/run_gpu_checks.sh [OUT] (results: OUT/*.json)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out="${1:-artifacts/gpu-checks}"
+out="$(realpath -m "${1:-artifacts/gpu-checks}")"
+python="${PYTHON:-python3}"
 mkdir -p "$out"
 
-python -m pytest -q tests/test_gpu.py tests/test_targets.py -k "cuda"
+"$python" -m pytest -q tests/test_gpu.py tests/test_targets.py -k "cuda or gpu"
 
-arch=$(python -c 'import tvm; m, n = tvm.cuda(0).compute_version.split("."); print("sm_90" if int(m) >= 9 else "sm_80")')
-python - "$out/qwen3-0.6b-shape" <<'PY'
-import sys
-from qwen3c.compile.random_checkpoint import write_random_checkpoint
-shape = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-             max_position_embeddings=4096, vocab_size=151936, tie_word_embeddings=True)
-write_random_checkpoint(sys.argv[1], shape, dtype="bfloat16")
-PY
-qwen3c compile "$out/qwen3-0.6b-shape" --target cuda --arch "$arch" --dtype bfloat16 \
-    -o "$out/qwen3-0.6b-cuda"
-qwen3c bench "$out/qwen3-0.6b-cuda" --prompt-lengths 128,1024 --vs-hf "$out/qwen3-0.6b-shape" \
-    --json "$out/bench.json"
+arch=$("$python" -c 'import tvm; print("sm_90" if int(tvm.cuda(0).compute_version.split(".")[0]) >= 9 else "sm_80")')
+for shape in QWEN3_0_6B QWEN3_MOE_SMALL; do
+    "$python" -c "import sys
+from qwen3c.compile import random_checkpoint as rc
+rc.write_random_checkpoint(sys.argv[1], getattr(rc, sys.argv[2]), dtype='bfloat16')" \
+        "$out/$shape" "$shape"
+    "$python" -m qwen3c.cli compile "$out/$shape" --target cuda --arch "$arch" \
+        --dtype bfloat16 -o "$out/$shape-cuda"
+    "$python" -m qwen3c.cli bench "$out/$shape-cuda" --prompt-lengths 128,1024 \
+        --vs-hf "$out/$shape" --json "$out/bench-$shape.json"
+done
