@@ -310,11 +310,18 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
               help="Also time HF transformers eager on this checkpoint, in the same run.")
 @click.option("--vs-artifact", "other", type=click.Path(path_type=Path), default=None,
               help="Also time another artifact of the model (e.g. unsharded), in the same run.")
+@click.option("--vs-llama-cpp", "llama_bench", type=click.Path(path_type=Path), default=None,
+              help="Also run llama.cpp's llama-bench (this binary) on --gguf, same threads.")
+@click.option("--gguf", type=click.Path(path_type=Path), default=None,
+              help="The GGUF file of the same model for --vs-llama-cpp.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG here: prefill tok/s against prompt length, decode tok/s.")
 def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
                   threads: int | None, devices: str | None, hf_dir: Path | None,
-                  other: Path | None, json_path: Path | None) -> None:
+                  other: Path | None, llama_bench: Path | None, gguf: Path | None,
+                  json_path: Path | None, plot_path: Path | None) -> None:
     """Decode and prefill tokens/s, time to first token and peak memory of ARTIFACT, optionally
     beside HF transformers or another artifact."""
     import qwen3c
@@ -325,6 +332,8 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         lengths = [int(n) for n in prompt_lengths.split(",")]
     except ValueError:
         raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
+    if (llama_bench is None) != (gguf is None):
+        raise click.UsageError("--vs-llama-cpp and --gguf go together")
     measure_memory = bench.reset_peak_memory()
 
     def timed(model) -> list:
@@ -358,6 +367,12 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
                                decode_tokens, runs, get_target(manifest.target.name).device_kind)
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
+    if llama_bench is not None:
+        if threads_used is None:
+            raise click.UsageError("--vs-llama-cpp compares CPU artifacts (host threads)")
+        from qwen3c.runtime.llama_bench import bench_llama_cpp
+
+        rows += bench_llama_cpp(llama_bench, gguf, threads_used, lengths, decode_tokens, runs)
     click.echo(f"{artifact}: {manifest.dtype}, {threads_used or 'device'} threads, "
                f"median of {runs}")
     click.echo(bench.format_table(rows))
@@ -365,6 +380,11 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         bench.write_json(json_path, rows, {"artifact": str(artifact), "threads": threads_used,
                                            "dtype": manifest.dtype, "runs": runs,
                                            "decode_tokens": decode_tokens})
+    if plot_path is not None:
+        from qwen3c.runtime.bench_plot import plot_rows
+
+        plot_rows(rows, plot_path, f"{artifact.name}: {manifest.dtype}, "
+                                   f"{threads_used or 'device'} threads")
 
 
 @main.command("bench-serve")

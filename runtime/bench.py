@@ -17,6 +17,8 @@ import numpy as np
 from qwen3c.runtime.artifact import Manifest
 from qwen3c.runtime.model import Model
 
+DECODE_CONTEXT = 32  # decode starts from a prompt of this many tokens
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
@@ -112,7 +114,8 @@ def standard_prompts(vocab_size: int,
                      lengths: list[int]) -> tuple[dict[int, list[int]], list[int]]:
     """The prefill prompts of the given lengths, and the 32-token prompt decode starts from:
     the same for every engine of a run."""
-    return random_prompts(vocab_size, lengths), random_prompts(vocab_size, [32], seed=1)[32]
+    decode_prompt = random_prompts(vocab_size, [DECODE_CONTEXT], seed=1)[DECODE_CONTEXT]
+    return random_prompts(vocab_size, lengths), decode_prompt
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -105,10 +106,10 @@ def test_run_chat(make_artifact, tiny_checkpoint):
 
 
 def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path):
-    out = tmp_path / "bench.json"
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     shown = invoke("bench", make_artifact(tiny_checkpoint), "--prompt-lengths", "8,16",
                    "--decode-tokens", "4", "--runs", "1", "--vs-hf", tiny_checkpoint,
-                   "--json", out).output
+                   "--json", out, "--plot", plot).output
     assert "prefill-16 tok/s" in shown and "ttft-8 ms" in shown and "qwen3c/hf-eager" in shown
     rows = json.loads(out.read_text())["rows"]
     assert {(r["engine"], r["metric"], r["unit"]) for r in rows} == {
@@ -120,6 +121,21 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
     value = {(r["engine"], r["metric"]): r["value"] for r in rows}
     for engine in ("qwen3c", "hf-eager"):  # time to first token is the prefill time
         assert value[engine, "ttft-16"] == pytest.approx(16e3 / value[engine, "prefill-16"])
+    png = plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (1000, 400)  # width, height: 10x4 in at 100 dpi
+
+
+def test_bench_vs_llama_cpp_refuses_missing_inputs(make_artifact, tiny_checkpoint, tmp_path):
+    artifact = make_artifact(tiny_checkpoint)
+    alone = CliRunner().invoke(main, ["bench", str(artifact), "--vs-llama-cpp", "llama-bench"])
+    assert alone.exit_code == 2 and "--gguf" in alone.output
+    missing = CliRunner().invoke(main, ["bench", str(artifact), "--runs", "1",
+                                        "--decode-tokens", "2", "--prompt-lengths", "4",
+                                        "--vs-llama-cpp", str(tmp_path / "llama-bench"),
+                                        "--gguf", str(tmp_path / "m.gguf")])
+    assert missing.exit_code == 1 and "llama-bench not found" in missing.output
+    assert "Traceback" not in missing.output
 
 
 def test_demo(tmp_path):
