@@ -22,21 +22,25 @@ def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
     from matplotlib import pyplot
 
     engines = list(dict.fromkeys(r.engine for r in rows))
+    palette = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {engine: palette[i % len(palette)] for i, engine in enumerate(engines)}
     figure, (prefill_axes, decode_axes) = pyplot.subplots(
         1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
     for engine in engines:
         points = sorted((int(r.metric.removeprefix("prefill-")), r.value) for r in rows
                         if r.engine == engine and r.metric.startswith("prefill-"))
         if points:
-            prefill_axes.plot(*zip(*points, strict=True), marker="o", label=engine)
+            prefill_axes.plot(*zip(*points, strict=True), marker="o", label=engine,
+                              color=color[engine])
     prefill_axes.set(xscale="log", xlabel="prompt length (tokens)", ylabel="prefill tok/s",
                      title="prefill")
     lengths = sorted({int(r.metric.removeprefix("prefill-")) for r in rows
                       if r.metric.startswith("prefill-")})
     prefill_axes.set_xticks(lengths, [str(n) for n in lengths])
+    prefill_axes.minorticks_off()
     prefill_axes.legend()
     decode = {r.engine: r.value for r in rows if r.metric == "decode"}
-    decode_axes.bar(list(decode), list(decode.values()))
+    decode_axes.bar(list(decode), list(decode.values()), color=[color[e] for e in decode])
     decode_axes.set(ylabel="decode tok/s", title=f"decode after {DECODE_CONTEXT} tokens")
     figure.suptitle(title)
     figure.tight_layout()
