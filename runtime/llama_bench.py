@@ -42,8 +42,10 @@ def _run(command: list[str]) -> list[dict]:
     except OSError as error:
         raise Qwen3cError(f"could not start llama-bench: {error}") from None
     if done.returncode != 0:
+        how = (f"was killed by signal {-done.returncode}" if done.returncode < 0
+               else f"failed (exit {done.returncode})")
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise Qwen3cError(f"llama-bench failed (exit {done.returncode}):\n{tail}")
+        raise Qwen3cError(f"llama-bench {how}: {' '.join(command)}\n{tail}".rstrip())
     try:
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     except json.JSONDecodeError:
