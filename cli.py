@@ -323,7 +323,7 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
                   other: Path | None, llama_bench: Path | None, gguf: Path | None,
                   json_path: Path | None, plot_path: Path | None) -> None:
     """Decode and prefill tokens/s, time to first token and peak memory of ARTIFACT, optionally
-    beside HF transformers or another artifact."""
+    beside HF transformers, llama.cpp or another artifact."""
     import qwen3c
     from qwen3c.runtime import bench
     from qwen3c.targets import get_target
@@ -334,6 +334,13 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
     if (llama_bench is None) != (gguf is None):
         raise click.UsageError("--vs-llama-cpp and --gguf go together")
+    if llama_bench is not None:  # refused before anything is timed
+        from qwen3c.runtime.artifact import read_manifest
+        from qwen3c.runtime.llama_bench import bench_llama_cpp, check_inputs
+
+        if get_target(read_manifest(artifact)[1].target.name).device_kind != "cpu":
+            raise click.UsageError("--vs-llama-cpp compares CPU artifacts (host threads)")
+        check_inputs(llama_bench, gguf)
     measure_memory = bench.reset_peak_memory()
 
     def timed(model) -> list:
@@ -368,10 +375,6 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
     if llama_bench is not None:
-        if threads_used is None:
-            raise click.UsageError("--vs-llama-cpp compares CPU artifacts (host threads)")
-        from qwen3c.runtime.llama_bench import bench_llama_cpp
-
         rows += bench_llama_cpp(llama_bench, gguf, threads_used, lengths, decode_tokens, runs)
     click.echo(f"{artifact}: {manifest.dtype}, {threads_used or 'device'} threads, "
                f"median of {runs}")

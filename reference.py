@@ -55,9 +55,9 @@ class HFReference:
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation without any stop token."""
         torch = self._torch
+        prompt = self._tensor(ids)
         with torch.inference_mode():
-            out = self.model.generate(self._tensor(ids),
-                                      attention_mask=torch.ones_like(self._tensor(ids)),
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                       max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=None, pad_token_id=0, use_cache=True)

@@ -26,16 +26,16 @@ def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
     color = {engine: palette[i % len(palette)] for i, engine in enumerate(engines)}
     figure, (prefill_axes, decode_axes) = pyplot.subplots(
         1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    prefill = sorted((int(r.metric.removeprefix("prefill-")), r.value, r.engine) for r in rows
+                     if r.metric.startswith("prefill-"))
     for engine in engines:
-        points = sorted((int(r.metric.removeprefix("prefill-")), r.value) for r in rows
-                        if r.engine == engine and r.metric.startswith("prefill-"))
+        points = [(n, value) for n, value, e in prefill if e == engine]
         if points:
             prefill_axes.plot(*zip(*points, strict=True), marker="o", label=engine,
                               color=color[engine])
     prefill_axes.set(xscale="log", xlabel="prompt length (tokens)", ylabel="prefill tok/s",
                      title="prefill")
-    lengths = sorted({int(r.metric.removeprefix("prefill-")) for r in rows
-                      if r.metric.startswith("prefill-")})
+    lengths = sorted({n for n, _, _ in prefill})
     prefill_axes.set_xticks(lengths, [str(n) for n in lengths])
     prefill_axes.minorticks_off()
     prefill_axes.legend()

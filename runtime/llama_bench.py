@@ -18,11 +18,15 @@ from qwen3c.runtime.bench import DECODE_CONTEXT, BenchRow
 ENGINE = "llama.cpp"
 
 
-def bench_llama_cpp(llama_bench: Path, gguf: Path, threads: int, prompt_lengths: list[int],
-                    decode_tokens: int, runs: int) -> list[BenchRow]:
+def check_inputs(llama_bench: Path, gguf: Path) -> None:
+    """Refuse missing files before anything is timed."""
     for path, what in ((llama_bench, "llama-bench"), (gguf, "GGUF file")):
         if not path.is_file():
             raise Qwen3cError(f"{what} not found: {path}")
+
+
+def bench_llama_cpp(llama_bench: Path, gguf: Path, threads: int, prompt_lengths: list[int],
+                    decode_tokens: int, runs: int) -> list[BenchRow]:
     common = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-r", str(runs),
               "-o", "jsonl"]
     decode = _run([*common, "-p", "0", "-n", str(decode_tokens), "-d", str(DECODE_CONTEXT)])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -27,6 +28,9 @@ BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    tie_word_embeddings=True, initializer_range=0.1)
 MOE_CONFIG = dict(BASE_CONFIG, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                   moe_intermediate_size=48, norm_topk_prob=True)
+# Wide enough that 16-bit rounding shows in the logits.
+WIDER_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=32)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +92,20 @@ def tiny_checkpoint(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(make_artifact, tiny_checkpoint) -> qwen3c.runtime.Model:
     return qwen3c.load(make_artifact(tiny_checkpoint))
+
+
+def assert_as_faithful_as_hf_16bit(ours: np.ndarray, exact: np.ndarray, hf_16bit: np.ndarray,
+                                   top1_slack: float) -> None:
+    """A 16-bit artifact's logits (``ours``) against HF float32 (``exact``) must be at least as
+    good as HF's own 16-bit ones: top-1 agreement within ``top1_slack``, largest error within
+    1.5x of HF's; and not exact, or it did not compute in 16-bit."""
+    def top1_agreement(logits: np.ndarray) -> float:
+        return float(np.mean(logits.argmax(-1) == exact.argmax(-1)))
+
+    ours_error, hf_error = np.abs(ours - exact).max(), np.abs(hf_16bit - exact).max()
+    assert top1_agreement(ours) >= top1_agreement(hf_16bit) - top1_slack, (ours_error, hf_error)
+    assert ours_error <= 1.5 * hf_error, (ours_error, hf_error)
+    assert ours_error > 0
 
 
 @contextlib.contextmanager

@@ -45,6 +45,9 @@ def test_cuda_artifact_builds_and_embeds_device_code(tiny_checkpoint, tmp_path, 
     if not tvm.cuda(0).exist:  # where there is a GPU, test_gpu.py runs such artifacts
         with pytest.raises(qwen3c.ArtifactError, match="no CUDA device"):
             qwen3c.load(out)
+    versus_cpu = CliRunner().invoke(main, ["bench", str(out), "--vs-llama-cpp", "llama-bench",
+                                           "--gguf", "m.gguf"])
+    assert versus_cpu.exit_code == 2 and "compares CPU artifacts" in versus_cpu.output
 
 
 def test_cuda_refuses_unknown_arch(tiny_checkpoint, tmp_path):
