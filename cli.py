@@ -67,12 +67,15 @@ def main() -> None:
               help="Store the projections as group-wise int8 or int4 (lm_head int8).")
 @click.option("--quant-group", type=int, default=32, show_default=True,
               help="Weights per quantization scale.")
+@click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
+              help="Replay the schedules `qwen3c tune` wrote into this directory.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pipeline phase into this directory.")
 def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
                     context_length: int | None, prefill_chunk: int | None, output: Path,
                     tensor_parallel: int, expert_parallel: bool, quant: str | None,
-                    quant_group: int, dump_ir: Path | None) -> None:
+                    quant_group: int, tuning_records: Path | None,
+                    dump_ir: Path | None) -> None:
     """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
     from qwen3c.compile import compile_model
     from qwen3c.runtime.artifact import read_manifest
@@ -81,13 +84,51 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
                         cpu=cpu, context_length=context_length,
                         prefill_chunk_size=prefill_chunk, tensor_parallel=tensor_parallel,
                         expert_parallel=expert_parallel, quant=quant, quant_group=quant_group,
-                        dump_ir=dump_ir)
+                        tuning_records=tuning_records, dump_ir=dump_ir)
     _, manifest = read_manifest(out)
     shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
     shards += f", {quant} (group {quant_group})" if quant else ""
+    shards += _describe_tuning(manifest.tuning)
     click.echo(f"compiled {model_dir} -> {out / 'model.so'} "
                f"({manifest.target.name}/{manifest.target.arch}/{manifest.target.cpu}, "
                f"{dtype}{shards}, {manifest.compile_seconds:.1f} s)")
+
+
+def _describe_tuning(tuning: dict | None) -> str:
+    if not tuning:
+        return ""
+    failed = f", {len(tuning['failed'])} did not replay" if tuning["failed"] else ""
+    return f", tuned schedules on {tuning['applied']} of {tuning['kernels']} kernels{failed}"
+
+
+@main.command("tune")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--target", default="llvm", show_default=True, help="Compilation target.")
+@click.option("--cpu", default=None, help="LLVM CPU name (default: this host's).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--quant", type=click.Choice(["q8", "q4"]), default=None,
+              help="Tune the kernels of the quantized model.")
+@click.option("--quant-group", type=int, default=32, show_default=True)
+@click.option("--trials", type=int, default=64, show_default=True,
+              help="Schedules measured per kernel.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Directory for the tuning database (for compile --tuning-records).")
+@threads_option
+def tune_command(model_dir: Path, target: str, cpu: str | None, dtype: str, quant: str | None,
+                 quant_group: int, trials: int, output: Path, threads: int | None) -> None:
+    """Search schedules with meta_schedule for the kernels of MODEL_DIR that qwen3c has no hand
+    schedule for (norms, SwiGLU's elementwise part, casts, residual adds), on this host."""
+    from qwen3c.compile import tune_model
+
+    kernels = tune_model(model_dir, output, target=target, dtype=dtype, cpu=cpu, quant=quant,
+                         quant_group=quant_group, trials=trials, threads=threads)
+    click.echo(f"{'kernel':44s} {'calls':>5s} {'untuned µs':>11s} {'tuned µs':>9s} "
+               f"{'speedup':>7s}")
+    for k in sorted(kernels, key=lambda k: -k.calls * k.untuned_us):
+        tuned = f"{k.tuned_us:9.1f} {k.untuned_us / k.tuned_us:6.2f}x" if k.tuned_us else \
+            f"{'-':>9s} {'-':>7s}"
+        click.echo(f"{k.name[:44]:44s} {k.calls:5d} {k.untuned_us:11.1f} {tuned}")
+    click.echo(f"wrote {output} (use: qwen3c compile ... --tuning-records {output})")
 
 
 @main.command("run")

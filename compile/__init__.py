@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -15,6 +16,15 @@ from qwen3c.compile.model import Build, Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
 from qwen3c.compile.quantization import DEFAULT_GROUP, parse_scheme, quant_param
 from qwen3c.compile.sharding import Parallelism, shard_spec
+from qwen3c.compile.tuning import (
+    TunedKernel,
+    TuningRecords,
+    phases_until,
+    require_tuning_packages,
+    tune_kernels,
+    with_tuning_phase,
+    write_summary,
+)
 from qwen3c.compile.weights import (
     NUMPY_DTYPES,
     Checkpoint,
@@ -22,9 +32,10 @@ from qwen3c.compile.weights import (
     converted_params,
     write_shards,
 )
-from qwen3c.errors import ConfigError, Qwen3cError
+from qwen3c.errors import ConfigError, Qwen3cError, TargetError
 from qwen3c.runtime.artifact import LIBRARY, MANIFEST, Manifest, ParamInfo, sha256_file
-from qwen3c.targets import get_target
+from qwen3c.schedules.quant import QuantScheme
+from qwen3c.targets import Target, get_target
 from qwen3c.targets.byoc_target import VENDOR_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -39,36 +50,32 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                   context_length: int | None = None, prefill_chunk_size: int | None = None,
                   tensor_parallel: int = 1, expert_parallel: bool = False,
                   quant: str | None = None, quant_group: int = DEFAULT_GROUP,
+                  tuning_records: str | Path | None = None,
                   dump_ir: str | Path | None = None) -> Path:
     """Compile a Qwen3 checkpoint into an artifact directory and return its path.
 
     With ``tensor_parallel`` N > 1 the library holds the functions of one shard (run by each of
     N workers) and the weights are cut into N sets; ``expert_parallel`` partitions MoE experts
     over the shards instead of cutting every expert. ``quant`` ("q8" or "q4") stores the
-    projections as group-wise integers (``compile/quantization.py``).
+    projections as group-wise integers (``compile/quantization.py``). ``tuning_records`` is a
+    directory written by ``tune_model`` for the same target and CPU.
     """
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)
-    if dtype not in NUMPY_DTYPES:
-        raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(NUMPY_DTYPES)}")
     config = load_config(model_dir)
     context_length = _context_length(config, context_length)
     prefill_chunk_size = min(prefill_chunk_size or DEFAULT_PREFILL_CHUNK, context_length)
     backend = get_target(target)
     choice = backend.resolve(arch, cpu)
-    backend.check_model(config)
     parallel = Parallelism(tensor_parallel, expert_parallel)
-    parallel.check(config)
-    backend.check_parallel(parallel)
     scheme = parse_scheme(quant, quant_group)
-    if scheme is not None:
-        backend.check_quantization(scheme, parallel)
     tvm_target = backend.tvm_target(choice)
-
-    with tvm_target:
-        model = Qwen3ForCausalLM(
-            config, Build(dtype, parallel, scheme, gpu=tvm_target.kind.name == "cuda"))
-        mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
+    records = None
+    if tuning_records is not None:
+        if backend.tuning_phase is None:
+            raise TargetError(f"target {backend.name} takes no tuning records")
+        records = TuningRecords(Path(tuning_records), tvm_target)
+    mod, named_params = _model_module(config, backend, dtype, parallel, scheme, tvm_target)
     params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
                         quant_param(p))
               for name, p in named_params]
@@ -81,8 +88,10 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
             converted_params(checkpoint, params, config, parallel.shards), output,
             parallel.shards)
 
-    mod = run_pipeline(mod, backend.pipeline(tvm_target), tvm_target,
-                       Path(dump_ir) if dump_ir else None)
+    phases = backend.pipeline(tvm_target)
+    if records is not None:
+        phases = with_tuning_phase(phases, backend.tuning_phase, records)
+    mod = run_pipeline(mod, phases, tvm_target, Path(dump_ir) if dump_ir else None)
     executable = backend.build(mod, tvm_target, choice)
     backend.export(executable, output / LIBRARY, choice)
     offload = backend.write_extras(mod, output)
@@ -109,9 +118,58 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         library_sha256=sha256_file(output / LIBRARY),
         compile_seconds=round(time.perf_counter() - started, 2),
         offload=offload,
+        tuning=None if records is None else records.summary(),
     )
     (output / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
     return output
+
+
+def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = "llvm",
+               dtype: str = "float32", cpu: str | None = None, quant: str | None = None,
+               quant_group: int = DEFAULT_GROUP, trials: int = 64,
+               threads: int | None = None) -> list[TunedKernel]:
+    """Tune the kernels of the model in ``model_dir`` that have no hand schedule, on this
+    host, and write meta_schedule's database into ``records_dir`` (for ``tuning_records``)."""
+    if trials < 1:
+        raise ConfigError(f"trials must be >= 1, got {trials}")
+    require_tuning_packages()
+    config = load_config(Path(model_dir))
+    backend = get_target(target)
+    if backend.tuning_phase is None:
+        raise TargetError(f"target {backend.name} cannot be tuned on this host: tuning runs "
+                          "every candidate kernel, and only llvm kernels run here")
+    choice = backend.resolve(None, cpu)
+    backend.check_runnable(choice)
+    backend.configure_threads(threads)
+    scheme = parse_scheme(quant, quant_group)
+    tvm_target = backend.tvm_target(choice)
+    mod, _ = _model_module(config, backend, dtype, Parallelism(1, False), scheme, tvm_target)
+    phases = phases_until(backend.pipeline(tvm_target), backend.tuning_phase)
+    mod = run_pipeline(mod, phases, tvm_target)
+    records_dir = Path(records_dir)
+    records_dir.mkdir(parents=True, exist_ok=True)
+    kernels = tune_kernels(mod, tvm_target, records_dir, trials)
+    write_summary(records_dir, kernels, model=config.architecture, dtype=dtype,
+                  quant=quant, target=choice.to_dict(), trials_per_kernel=trials)
+    return kernels
+
+
+def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Parallelism,
+                  scheme: QuantScheme | None, tvm_target: tvm.target.Target
+                  ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
+    """The model as a Relax module, after checking the target can build it this way."""
+    if dtype not in NUMPY_DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(NUMPY_DTYPES)}")
+    backend.check_model(config)
+    parallel.check(config)
+    backend.check_parallel(parallel)
+    if scheme is not None:
+        backend.check_quantization(scheme, parallel)
+    with tvm_target:
+        model = Qwen3ForCausalLM(
+            config, Build(dtype, parallel, scheme, gpu=tvm_target.kind.name == "cuda"))
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
+    return mod, named_params
 
 
 def _context_length(config: Qwen3Config, requested: int | None) -> int:

@@ -59,6 +59,7 @@ class Manifest:
     compile_seconds: float
     # BYOC targets: partitions, vendor sources/library and their sha256 (byoc_target.py)
     offload: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None  # tuning records replayed: how many kernels took them
     format_version: int = FORMAT_VERSION
 
     def config(self) -> Qwen3Config:

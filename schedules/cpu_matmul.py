@@ -47,7 +47,7 @@ def schedule_nt_matmul(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             sch.reverse_compute_at(epilogue, tokens)
         except s_tir.ScheduleError:
             break  # later blocks stay where they are: correct, only less fused
-    return sch.mod["main"]
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def _is_nt_matmul(sch: s_tir.Schedule, block) -> bool:

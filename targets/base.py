@@ -45,6 +45,9 @@ class Target(ABC):
     description: str
     verified: str  # what has actually been executed for this target, in plain words
     device_kind: str  # as written in --devices: "cpu", "cuda"
+    # The pipeline phase after which `qwen3c tune` takes the kernels still unscheduled and
+    # tuning records are replayed; None where this host cannot measure the target's kernels.
+    tuning_phase: str | None = None
 
     @abstractmethod
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:

@@ -82,6 +82,7 @@ class LlvmTarget(Target):
     description = ("CPU via LLVM: x86_64, aarch64 (--arch; vectorised for the build host's CPU "
                    "unless --cpu is given)")
     device_kind = "cpu"
+    tuning_phase = "schedule"
     verified = ("x86_64: compiled and run here, logits checked against HF transformers; "
                 "sharded (--tensor-parallel 2/4, --expert-parallel) run on CPU worker "
                 "processes and checked against the unsharded model. aarch64 (NEON): "
