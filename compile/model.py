@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import tvm_ffi
 from tvm import relax as rx
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
@@ -36,6 +38,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import moe, moe_gpu, quant
+from qwen3c.schedules.attention import ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
 
 ACCUMULATE = "float32"
@@ -98,6 +101,17 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.astype(self.out_dtype)
+
+
+def use_own_prefill_attention(builder: rx.BlockBuilder, kv_heads: int, heads: int,
+                              head_dim: int, dtype: str) -> None:
+    """Swap TVM's serial CPU kernel for the cache's prefill attention over new tokens for ours
+    (``schedules/attention.py``, same signature), in the module being built."""
+    stock = _attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {})
+    # map_free_vars: TVM's kernels name let-bound sizes in their blocks' read regions
+    gvar = next(g for g, f in builder.get().functions.items() if isinstance(f, tirx.PrimFunc)
+                and tvm_ffi.structural_equal(f, stock, map_free_vars=True))
+    builder.update_func(gvar, ragged_prefill_attention(kv_heads, heads, head_dim, dtype))
 
 
 def _is_one(dim) -> bool:
@@ -354,6 +368,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.config = config
         self.dtype = build.dtype
         self.parallel = build.parallel
+        self.gpu = build.gpu
         self.model = Qwen3Model(config, build)
         self.vocab_shards = build.parallel.vocab_shards(config.vocab_size)
         rows = config.vocab_size // self.vocab_shards
@@ -412,7 +427,9 @@ class Qwen3ForCausalLM(nn.Module):
                               prefill_chunk_size: int, page_size: int,
                               support_sliding_window: int) -> PagedKVCache:
         config = self.config
-        return TIRPagedKVCache(
+        heads = config.num_attention_heads // self.parallel.shards
+        kv_heads = config.num_key_value_heads // self.parallel.shards
+        cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -421,8 +438,8 @@ class Qwen3ForCausalLM(nn.Module):
             support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, config.num_hidden_layers]),
             num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads // self.parallel.shards,
-            num_key_value_heads=config.num_key_value_heads // self.parallel.shards,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
             qk_head_dim=config.head_dim,
             v_head_dim=config.head_dim,
             mla_original_qk_head_dim=0,
@@ -437,6 +454,10 @@ class Qwen3ForCausalLM(nn.Module):
             dtype=self.dtype,
             target=Target.current(),
         )
+        if not self.gpu:
+            use_own_prefill_attention(rx.BlockBuilder.current(), kv_heads, heads,
+                                      config.head_dim, self.dtype)
+        return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         packed = {"param_mode": "packed", "effect_mode": "none"}

@@ -1,0 +1,207 @@
+"""CPU attention for the paged KV cache's prefill over new tokens (its "ragged" kernel).
+
+For query row q of head h (KV head g = h // group), over the keys it may see,
+
+    s_j = (q · k_j) · sm_scale · log2(e)
+    out = Σ_j 2^(s_j - m) v_j / Σ_j 2^(s_j - m),   lse = m + log2 Σ_j 2^(s_j - m)
+
+TVM's CPU kernel runs this as one serial loop nest on one core, rescaling the output after
+every key and computing the masked half too. Here the keys and values are converted to float32
+once per call (keys transposed), and a parallel task takes the query rows that read the same
+keys (the query heads of one KV head, for a few consecutive tokens) and walks the keys in
+blocks of KEY_BLOCK with an online softmax (flash attention's running max and sum per row):
+
+- with the keys transposed, the scores of all rows are an outer-product update per head
+  dimension: rows x KEY_BLOCK accumulators in vector registers, no horizontal sums, no chain
+  of dependent adds;
+- each row's scores become probabilities (masked past what the row may see), its running sum
+  and max are updated, and the values are summed into the row's float32 output in register
+  chunks of the head dimension.
+
+``lse`` is in log2 units, as TVM's, so the cache can merge partial results (a later prefill
+chunk attends to cached pages with TVM's paged kernel and to its new tokens with this one).
+The kernel keeps TVM's signature (``_attention_prefill_ragged_cpu``) so the cache calls it
+unchanged. RoPE must have been applied before it (the cache's "normal" RoPE mode): it refuses
+``rotary_mode`` 1 at run time.
+
+Decode keeps TVM's kernel: the same scheme for decode (a task per KV head of a sequence,
+gathering its pages) was 2x faster than TVM's alone (0.29 vs 0.59 ms per layer at 1024 tokens
+of context) but slower inside the model (decode at 1024 tokens 8.4 vs 10.9 tok/s); the cause
+was not found in the time there was.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+KEY_BLOCK = 32  # keys scored at once: two AVX-512 vectors per query row
+TARGET_ROWS = 4  # query rows per task where the group size allows
+LOG2E = math.log2(math.e)
+_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = Σ (f ln 2)^k / k!
+
+
+def _lanes(head_dim: int) -> int:
+    """The widest vector (up to 16 float32) that divides the head dimension."""
+    return next(width for width in (16, 8, 4, 2, 1) if head_dim % width == 0)
+
+
+def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^x for x <= 0 as vectorisable arithmetic (LLVM turns ``exp2`` on vectors into one libm
+    call per lane, which cost more than the dot products): x = n + f with n an integer and
+    |f| <= 1/2, 2^n built in the exponent bits, 2^f by its Taylor series to degree 6 (relative
+    error below 2e-7). Results under 2^-126 flush to that (scores that far below the maximum
+    weigh nothing)."""
+    x = T.max(x, T.float32(-126.0))
+    n = T.floor(x + T.float32(0.5))
+    f = x - n
+    poly = T.float32(_EXP2_TAYLOR[-1])
+    for coefficient in reversed(_EXP2_TAYLOR[:-1]):  # Horner
+        poly = poly * f + T.float32(coefficient)
+    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return scale * poly
+
+
+def _attend_block(rows: int, head_dim: int):
+    """A TVMScript macro folding one block of float32 keys (``keys_t[head, D, base + j]``,
+    transposed) and values (``values[head, base + j, D]``) into ``rows`` rows' running state:
+    ``state[r]`` is the running max, the running sum, the block's max and the rescale factor;
+    row r sees the first ``visible[r]`` keys of the block (the rest must be finite)."""
+    R, D, KB, VL = rows, head_dim, KEY_BLOCK, _lanes(head_dim)
+
+    @T.macro
+    def attend(query, acc, state, scores, keys_t, values, head, base, visible, partial):
+        for r in T.unroll(R):
+            for j in T.vectorized(KB):
+                scores[r, j] = T.float32(0)
+        for i in range(D):
+            for r in T.unroll(R):
+                for j in T.vectorized(KB):
+                    scores[r, j] = scores[r, j] + query[r, i] * keys_t[head, i, base + j]
+        for r in T.unroll(R):
+            state[r, 2] = state[r, 0]
+            for j in range(KB):
+                state[r, 2] = T.max(state[r, 2], T.if_then_else(
+                    j < visible[r], scores[r, j], T.float32(-3.0e38)))
+            state[r, 3] = T.exp2(state[r, 0] - state[r, 2])
+            state[r, 1] = state[r, 1] * state[r, 3]
+            for j in T.vectorized(KB):
+                scores[r, j] = T.if_then_else(j < visible[r], _exp2(scores[r, j] - state[r, 2]),
+                                              T.float32(0))
+            for j in range(KB):
+                state[r, 1] = state[r, 1] + scores[r, j]
+            state[r, 0] = state[r, 2]
+        for chunk in range(D // VL):
+            for r in T.unroll(R):
+                for lane in T.vectorized(VL):
+                    partial[r, lane] = acc[r, chunk * VL + lane] * state[r, 3]
+            for j in range(KB):
+                for r in T.unroll(R):
+                    for lane in T.vectorized(VL):
+                        partial[r, lane] = partial[r, lane] + scores[r, j] * values[
+                            head, base + j, chunk * VL + lane]
+            for r in T.unroll(R):
+                for lane in T.vectorized(VL):
+                    acc[r, chunk * VL + lane] = partial[r, lane]
+
+    return attend
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """Each new token attends to the new tokens of its sequence (up to itself when causal):
+    ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs. A task
+    is one KV head of a tile of TOKENS consecutive tokens of one sequence."""
+    H, D, G, KB = num_heads, head_dim, num_heads // num_kv_heads, KEY_BLOCK
+    TOKENS = max(1, TARGET_ROWS // G)
+    R = TOKENS * G
+    attend = _attend_block(R, D)
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                  var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+                  var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                  rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
+        q_rope_offset, k_rope_offset = T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
+                                   elem_offset=kv_indptr_offset)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                       elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+
+        with T.sblock("prefill"):
+            # float32 keys, transposed, and values, once per call for all tasks; KB zero keys
+            # past the end let a block run whole past a sequence's last key
+            keys_t = T.sblock_alloc_buffer((num_kv_heads, D, kv_len + KB), "float32")
+            values = T.sblock_alloc_buffer((num_kv_heads, kv_len + KB, D), "float32")
+            for g, i in T.grid(num_kv_heads, D):
+                for j in T.vectorized(KB):
+                    keys_t[g, i, kv_len + j] = T.float32(0)
+            for g, j, i in T.grid(num_kv_heads, KB, D):
+                values[g, kv_len + j, i] = T.float32(0)
+            for gj in T.parallel(num_kv_heads * kv_len):
+                for i in range(D):
+                    keys_t[gj // kv_len, i, gj % kv_len] = T.Cast("float32",
+                                                                 k[gj % kv_len, gj // kv_len, i])
+                    values[gj // kv_len, gj % kv_len, i] = T.Cast("float32",
+                                                                 v[gj % kv_len, gj // kv_len, i])
+            # Tasks: (tile, sequence, KV head); tiles past a sequence's end do nothing.
+            for task in T.parallel((qo_len + TOKENS - 1) // TOKENS * batch_size * num_kv_heads):
+                with T.sblock("attend"):
+                    T.reads()  # independent tasks; nothing schedules this block
+                    T.writes()
+                    query = T.sblock_alloc_buffer((R, D), "float32")
+                    acc = T.sblock_alloc_buffer((R, D), "float32")
+                    scores = T.sblock_alloc_buffer((R, KB), "float32", scope="local")
+                    partial = T.sblock_alloc_buffer((R, _lanes(D)), "float32", scope="local")
+                    state = T.sblock_alloc_buffer((R, 4), "float32")
+                    sees = T.sblock_alloc_buffer((R,), "int32")  # keys each row sees in all
+                    visible = T.sblock_alloc_buffer((R,), "int32")  # ... in the current block
+                    g = task % num_kv_heads
+                    b = task // num_kv_heads % batch_size
+                    first_token = task // num_kv_heads // batch_size * TOKENS
+                    q_begin = q_indptr[b]
+                    q_count = q_indptr[b + 1] - q_begin
+                    kv_begin = kv_indptr[b]
+                    kv_count = kv_indptr[b + 1] - kv_begin
+                    if first_token < q_count:
+                        for r in range(R):
+                            # rows past the sequence's end repeat its last token; not stored
+                            t = T.min(first_token + r // G, q_count - 1)
+                            sees[r] = T.if_then_else(causal > 0, kv_count - q_count + t + 1,
+                                                     kv_count)
+                            state[r, 0] = T.float32(-3.0e38)
+                            state[r, 1] = T.float32(0)
+                            for i in range(D):
+                                query[r, i] = T.Cast(
+                                    "float32", q[q_begin + t, g * G + r % G, i]) * (
+                                    sm_scale * LOG2E)
+                                acc[r, i] = T.float32(0)
+                        for block in range((sees[R - 1] + KB - 1) // KB):
+                            for r in range(R):
+                                visible[r] = T.max(0, T.min(KB, sees[r] - block * KB))
+                            attend(query, acc, state, scores, keys_t, values, g,
+                                   kv_begin + block * KB, visible, partial)
+                        for r in range(R):
+                            if first_token + r // G < q_count:
+                                for i in range(D):
+                                    output[q_begin + first_token + r // G, g * G + r % G,
+                                           i] = T.Cast(dtype, acc[r, i] / state[r, 1])
+                                lse[q_begin + first_token + r // G, g * G + r % G] = (
+                                    state[r, 0] + T.log2(state[r, 1]))
+
+    return attention
