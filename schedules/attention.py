@@ -26,8 +26,8 @@ unchanged. RoPE must have been applied before it (the cache's "normal" RoPE mode
 
 Decode keeps TVM's kernel: the same scheme for decode (a task per KV head of a sequence,
 gathering its pages) was 2x faster than TVM's alone (0.29 vs 0.59 ms per layer at 1024 tokens
-of context) but slower inside the model (decode at 1024 tokens 8.4 vs 10.9 tok/s); the cause
-was not found in the time there was.
+of context) but slower inside the model (decode at 1024 tokens 8.4 vs 10.9 tok/s), and not
+because of cold pages (see BENCHMARKS.md); the cause was not found.
 """
 
 from __future__ import annotations
