@@ -217,8 +217,8 @@ class TuningRecords:
             raise ConfigError(f"the tuning records in {records_dir} were tuned for CPU "
                               f"{', '.join(sorted(cpus))}, this build is for {_cpu(target)}: "
                               "tune for this CPU")
-        self.applied: list[str] = []
-        self.failed: list[str] = []
+        self.applied = 0  # kernels that took a tuned schedule
+        self.failed: list[str] = []  # kernels whose record did not replay
         self.kernels = 0  # tunable kernels the build had
 
     def phase(self) -> Phase:
@@ -228,8 +228,7 @@ class TuningRecords:
                                                 name="ApplyTuningRecords")])
 
     def summary(self) -> dict[str, object]:
-        return {"kernels": self.kernels, "applied": len(self.applied),
-                "failed": sorted(self.failed)}
+        return {"kernels": self.kernels, "applied": self.applied, "failed": sorted(self.failed)}
 
     def _apply(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         kernels = tunable_kernels(mod)
@@ -248,14 +247,14 @@ class TuningRecords:
                 self.failed.append(gvar.name_hint)
                 continue
             mod[gvar] = schedule.mod["main"].with_attr("tirx.is_scheduled", True)
-            self.applied.append(gvar.name_hint)
+            self.applied += 1
         return mod
 
 
 def with_tuning_phase(phases: list[Phase], after: str, records: TuningRecords) -> list[Phase]:
     """``phases`` with the records' replay inserted after the phase named ``after``."""
-    index = [p.name for p in phases].index(after) + 1
-    return [*phases[:index], records.phase(), *phases[index:]]
+    head = phases_until(phases, after)
+    return [*head, records.phase(), *phases[len(head):]]
 
 
 def phases_until(phases: list[Phase], last: str) -> list[Phase]:
