@@ -22,6 +22,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
 from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.targets.base import Phase, Target, TargetChoice
+from qwen3c.targets.noalias import uniform_noalias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,7 @@ class LlvmTarget(Target):
                 relax.transform.ComputePrimValue(),
                 relax.transform.VMShapeLower(),
                 relax.transform.AttachGlobalSymbol(),
+                uniform_noalias,
             ]),
         ]
 
