@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tvm
 
-from qwen3c.schedules.attention import KEY_BLOCK, ragged_prefill_attention
+from qwen3c.schedules.attention import KEY_BLOCK, paged_decode_attention, ragged_prefill_attention
 from qwen3c.targets import get_target
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -76,3 +76,47 @@ def test_ragged_prefill_attention_matches_numpy(dtype, causal):
                    causal, 0, 1.0, 1e6, sm_scale)
 
     assert_matches(out, lse, *reference(q, k, v, q_lens, kv_lens, sm_scale, causal), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_matches_numpy(dtype):
+    """Sequences whose contexts end mid-page and mid-block, in shuffled pages, and one with
+    no pages (at a level of a shared prefix it does not reach): output 0, lse -5e4 as TVM's."""
+    kv_heads, heads, head_dim, page_size = 2, 6, 24, 16
+    kv_lens = [1, 2 * KEY_BLOCK + 5, 0, page_size]
+    rng = np.random.default_rng(1)
+    page_counts = [-(-length // page_size) for length in kv_lens]
+    num_pages = sum(page_counts) + 1  # one page nobody owns
+    pages = rng.standard_normal((num_pages, 2, kv_heads, page_size, head_dim)).astype(
+        DTYPES[dtype])
+    page_ids = rng.permutation(num_pages)[:sum(page_counts)].astype(np.int32)
+    page_indptr = np.concatenate([[0], np.cumsum(page_counts)]).astype(np.int32)
+    last_page_len = np.array([length - max(count - 1, 0) * page_size
+                              for length, count in zip(kv_lens, page_counts, strict=True)],
+                             np.int32)
+    q = rng.standard_normal((len(kv_lens), heads, head_dim)).astype(DTYPES[dtype])
+
+    def context(part: int) -> np.ndarray:
+        """Keys (0) or values (1) of all sequences in order, [tokens, kv_heads, head_dim]."""
+        rows = [pages[page_ids[page_indptr[b] + t // page_size], part, :, t % page_size]
+                for b, length in enumerate(kv_lens) for t in range(length)]
+        return np.stack(rows)
+
+    kernel = build(paged_decode_attention(kv_heads, heads, head_dim, dtype, page_size))
+    device = tvm.cpu()
+    out = tvm.runtime.empty(q.shape, dtype, device)
+    lse = tvm.runtime.empty(q.shape[:2], "float32", device)
+    zeros = np.zeros(len(kv_lens), np.int32)
+    arrays = [q, pages, page_indptr, page_ids, last_page_len, zeros, zeros]
+    sm_scale = head_dim ** -0.5
+    kernel["main"](*(tvm.runtime.tensor(a, device) for a in arrays), out, lse,
+                   0, 1.0, 1e6, sm_scale)
+
+    seen = [b for b, length in enumerate(kv_lens) if length]
+    expected = reference(q[seen], context(0), context(1), [1] * len(seen),
+                         [kv_lens[b] for b in seen], sm_scale, causal=False)
+    assert_matches(tvm.runtime.tensor(out.numpy()[seen]), tvm.runtime.tensor(lse.numpy()[seen]),
+                   *expected, dtype)
+    empty = kv_lens.index(0)
+    assert not out.numpy()[empty].astype(np.float32).any()
+    np.testing.assert_array_equal(lse.numpy()[empty], -5e4)
