@@ -30,16 +30,19 @@ from tvm import relax as rx
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 from tvm.target import Target
 
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import moe, moe_gpu, quant
-from qwen3c.schedules.attention import ragged_prefill_attention
+from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
+from qwen3c.schedules.rope import split_rotary
 
 ACCUMULATE = "float32"
 RouterStats = list[Tensor]  # one [3, E] tensor per MoE layer, gathered while tracing
@@ -69,10 +72,9 @@ class Linear(nn.Linear):
 
 
 class QuantLinear(nn.Module):
-    """y = x Wᵀ (+ b) with W stored as group-wise integers and float32 scales
-    (``schedules/quant.py``). A few tokens (decode, the logits rows) are multiplied straight
-    from the integers; many (prefill) rebuild W in the model dtype once per call and share the
-    tiled GEMM. Sums are float32; the result is in the model dtype."""
+    """y = x Wᵀ (+ b) with W stored as group-wise integers and bfloat16 scales
+    (``schedules/quant.py``), multiplied in integers with the activations rounded to int8 per
+    group, for decode and prefill alike. Sums are float32; the result is in the model dtype."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
                  scheme: QuantScheme, out_dtype: str | None = None):
@@ -87,35 +89,37 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, K = self.out_features, self.in_features
-        if x.ndim == 2 or _is_one(x.shape[-2]):
-            flat = op.reshape(x, (-1, K))
-            y = op.tensor_ir_op(quant.dequant_gemv(N, K, self.scheme, self.dtype),
-                                "dequant_gemv", [flat, self.weight, self.weight_scale],
-                                Tensor.placeholder((flat.shape[0], N), ACCUMULATE))
-            y = op.reshape(y, (*x.shape[:-1], N))
-        else:
-            w = op.tensor_ir_op(quant.dequantize(N, K, self.scheme, self.dtype), "dequantize",
-                                [self.weight, self.weight_scale],
-                                Tensor.placeholder((N, K), self.dtype))
-            y = op.matmul(x, op.permute_dims(w), out_dtype=ACCUMULATE)
+        flat = op.reshape(x, (-1, K))
+        kernel = quant.quantized_matmul(N, K, self.scheme, self.dtype,
+                                        quant.has_vnni(Target.current()))
+        y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.weight_scale],
+                            Tensor.placeholder((flat.shape[0], N), ACCUMULATE))
+        y = op.reshape(y, (*x.shape[:-1], N))
         if self.bias is not None:
             y = y + self.bias
         return y.astype(self.out_dtype)
 
 
-def use_own_prefill_attention(builder: rx.BlockBuilder, kv_heads: int, heads: int,
-                              head_dim: int, dtype: str) -> None:
-    """Swap TVM's serial CPU kernel for the cache's prefill attention over new tokens for ours
-    (``schedules/attention.py``, same signature), in the module being built."""
-    stock = _attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {})
-    # map_free_vars: TVM's kernels name let-bound sizes in their blocks' read regions
-    gvar = next(g for g, f in builder.get().functions.items() if isinstance(f, tirx.PrimFunc)
-                and tvm_ffi.structural_equal(f, stock, map_free_vars=True))
-    builder.update_func(gvar, ragged_prefill_attention(kv_heads, heads, head_dim, dtype))
-
-
-def _is_one(dim) -> bool:
-    return isinstance(dim, int | tirx.IntImm) and int(dim) == 1
+def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, head_dim: int,
+                          rope_theta: float, dtype: str) -> None:
+    """Swap TVM's serial CPU kernels for the cache's RoPE, its prefill attention over new
+    tokens and its decode attention for ours (``schedules/rope.py``,
+    ``schedules/attention.py``; same signatures), in the module being built."""
+    replacements = [
+        (llama_rope_with_position_map(rope_theta, 1, head_dim, heads, kv_heads, dtype, {},
+                                      head_dim),
+         split_rotary(rope_theta, head_dim, heads, kv_heads, dtype)),
+        (_attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {}),
+         ragged_prefill_attention(kv_heads, heads, head_dim, dtype)),
+        (_attention_decode_cpu(kv_heads, heads, head_dim, dtype, False, {}),
+         paged_decode_attention(kv_heads, heads, head_dim, dtype)),
+    ]
+    for stock, own in replacements:
+        # map_free_vars: TVM's kernels name let-bound sizes in their blocks' read regions
+        gvar = next(g for g, f in builder.get().functions.items()
+                    if isinstance(f, tirx.PrimFunc)
+                    and tvm_ffi.structural_equal(f, stock, map_free_vars=True))
+        builder.update_func(gvar, own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,8 +459,8 @@ class Qwen3ForCausalLM(nn.Module):
             target=Target.current(),
         )
         if not self.gpu:
-            use_own_prefill_attention(rx.BlockBuilder.current(), kv_heads, heads,
-                                      config.head_dim, self.dtype)
+            use_own_cache_kernels(rx.BlockBuilder.current(), kv_heads, heads, config.head_dim,
+                                  config.rope_theta, self.dtype)
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

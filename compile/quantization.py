@@ -1,7 +1,7 @@
 """Weight quantization declared on the model: which parameters hold integers, which their scales.
 
 ``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) as
-group-wise symmetric integers with float32 scales (``schedules/quant.py``), and the lm_head
+group-wise symmetric integers with bfloat16 scales (``schedules/quant.py``), and the lm_head
 always as int8 (a tied head gets its own int8 copy of the embedding table): it is a quarter of
 the bytes a small model reads per token, and its errors land on the logits directly. The
 embedding lookup, norms, the MoE router and the MoE experts stay in the model dtype.
@@ -60,8 +60,8 @@ def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | 
         return None
     if name not in SCHEMES:
         raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)}")
-    if group < 2 or group % 2:
-        raise ConfigError(f"quantization group size must be an even number >= 2, got {group}")
+    if group < 8 or group % 8:
+        raise ConfigError(f"quantization group size must be a multiple of 8, got {group}")
     return QuantScheme(SCHEMES[name], group)
 
 

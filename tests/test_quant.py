@@ -7,30 +7,31 @@ import numpy as np
 import pytest
 import tvm
 from click.testing import CliRunner
+from conftest import WIDER_CONFIG
 
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.reference import HFReference
 from qwen3c.schedules.quant import (
     QuantScheme,
-    dequant_gemv,
-    dequantize,
     dequantize_reference,
+    has_vnni,
     quantize,
+    quantized_matmul,
 )
 from qwen3c.targets import get_target
 from qwen3c.verify import compare_logits
 
-N, K = 72, 96  # three groups of 32 per row; 9 tasks of 8 rows
+N = 72  # 9 tasks of 8 rows
+WIDTHS = (96, 640, 512)  # groups of 32 per row: 3 (a block each), 20 (blocks of 4), 16
 SCHEMES = [QuantScheme(8, 32), QuantScheme(4, 32), QuantScheme(4, 16)]
 
 
-def build(scheme: QuantScheme, dtype: str):
-    funcs = {"dequantize": dequantize(N, K, scheme, dtype),
-             "gemv": dequant_gemv(N, K, scheme, dtype)}
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+def build(scheme: QuantScheme, dtype: str, K: int, vnni: bool):
     backend = get_target("llvm")
-    return tvm.compile(mod, target=backend.tvm_target(backend.resolve(None, None)))
+    target = backend.tvm_target(backend.resolve(None, None))
+    kernel = quantized_matmul(N, K, scheme, dtype, vnni and has_vnni(target))
+    return tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=target)
 
 
 @pytest.mark.parametrize("bits, bound", [(8, 0.01), (4, 0.10)])
@@ -63,24 +64,32 @@ def test_integers_stay_in_range_and_zero_groups_stay_zero():
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"int{s.bits}-g{s.group}")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kernels_match_numpy(scheme, dtype):
-    lib = build(scheme, dtype)
+@pytest.mark.parametrize("K", WIDTHS)
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni-if-host-has-it", "plain"])
+def test_kernels_match_numpy(scheme, dtype, K, vnni):
+    lib = build(scheme, dtype, K, vnni)
     rng = np.random.default_rng(1)
     q, scale = quantize(rng.normal(size=(N, K)), scheme)
     weight = dequantize_reference(q, scale, scheme)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-
-    out = tvm.runtime.tensor(np.zeros((N, K), np_dtype))
-    lib["dequantize"](tvm.runtime.tensor(q), tvm.runtime.tensor(scale), out)
-    np.testing.assert_array_equal(out.numpy(), weight.astype(np_dtype))
-
-    for tokens in (1, 3):
+    for tokens in (1, 3, 17):
         x = rng.normal(size=(tokens, K)).astype(np_dtype)
         y = tvm.runtime.tensor(np.zeros((tokens, N), np.float32))
-        lib["gemv"](tvm.runtime.tensor(x), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), y)
-        expected = x.astype(np.float32) @ weight.T
+        lib["matmul"](tvm.runtime.tensor(x), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), y)
+        expected = activations_as_int8(x.astype(np.float32), scheme.group) @ weight.T
         np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5,
                                    atol=1e-5 * np.abs(expected).max())
+        exact = x.astype(np.float32) @ weight.T  # what the activations' rounding costs
+        assert np.linalg.norm(y.numpy() - exact) <= 0.01 * np.linalg.norm(exact)
+
+
+def activations_as_int8(x: np.ndarray, group: int) -> np.ndarray:
+    """x as the GEMV sees it: per group of ``group``, round(x · 127 / max|x|) · max|x| / 127."""
+    groups = x.reshape(x.shape[0], -1, group)
+    top = np.abs(groups).max(axis=-1, keepdims=True)
+    inverse = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0)
+    levels = np.rint(groups * inverse.astype(np.float32))
+    return (levels * (top / np.float32(127))).reshape(x.shape)
 
 
 CHECKPOINTS = {  # initializer_range 0.1 (conftest)
@@ -116,26 +125,31 @@ def simulated(checkpoint, bits: int):
 def test_quantized_models_match_hf_with_the_same_quantized_weights(make_checkpoint,
                                                                    make_artifact, quant, bits,
                                                                    kind):
-    """The kernels and the pipeline add nothing to the quantization error itself."""
+    """What the kernels add to the weights' quantization error is the int8 rounding of the
+    activations. Measured (agreement, KL): dense 0.955-0.97, 1.2e-4; MoE 0.88 / 0.955 (q8 / q4),
+    5e-3 / 1.4e-3 (a rounded activation flips some tokens' experts on these random models)."""
     checkpoint = make_checkpoint(f"quant-{kind}", **CHECKPOINTS[kind])
     ids = np.random.default_rng(2).integers(0, 640, 200).tolist()
     with qwen3c.load(make_artifact(checkpoint, quant=quant)) as model:
         ours = model.logits(ids)
         assert model.generate(ids[:16], max_new_tokens=8).finish_reason == "length"
     result = compare_logits(ours, simulated(checkpoint, bits).logits(ids), ids)
-    assert result.agreement >= 0.98 and result.kl <= 1e-4, result
+    agreement, kl = (0.85, 1e-2) if kind == "moe" else (0.95, 3e-4)
+    assert result.agreement >= agreement and result.kl <= kl, result
 
 
 @pytest.mark.parametrize("kind", list(CHECKPOINTS))
 def test_int8_models_agree_with_hf_float32(make_checkpoint, make_artifact, kind):
-    """Measured: top-1 agreement 0.955 / 0.975 / 0.925 (untied, tied, MoE), KL 1e-4 to 3e-3, on
-    these random models, whose near-uniform logits flip on small changes (HF float32 with the
-    same int8 weights agrees 0.98 with HF float32 on the dense one)."""
+    """Measured: top-1 agreement 0.945 / 0.97 / 0.875 (untied, tied, MoE), KL 2e-4 / 2e-4 /
+    6e-3, on these random models, whose near-uniform logits flip on small changes (HF float32
+    with the same int8 weights agrees 0.98 with HF float32 on the dense one). With float
+    activations (before the integer kernel ran prefill too) MoE measured 0.925 and 3e-3."""
     checkpoint = make_checkpoint(f"quant-{kind}", **CHECKPOINTS[kind])
     ids = np.random.default_rng(2).integers(0, 640, 200).tolist()
     with qwen3c.load(make_artifact(checkpoint, quant="q8")) as model:
         result = compare_logits(model.logits(ids), HFReference(checkpoint).logits(ids), ids)
-    assert result.agreement >= 0.9 and result.kl <= 5e-3, result
+    agreement, kl = (0.85, 1e-2) if kind == "moe" else (0.9, 5e-3)
+    assert result.agreement >= agreement and result.kl <= kl, result
 
 
 def test_verify_reports_agreement_kl_and_perplexity(make_checkpoint, make_artifact):
@@ -154,3 +168,34 @@ def test_quantization_is_refused_where_it_has_no_kernels(tiny_checkpoint, tmp_pa
     with pytest.raises(qwen3c.TargetError, match="cannot be sharded"):
         qwen3c.compile_model(tiny_checkpoint, output=tmp_path / "c", quant="q4",
                              tensor_parallel=2)
+
+
+def teacher_forced_decode_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits at every position of ``ids``, each after one decode step (the first: prefill)."""
+    seq = model.new_sequence(ids[:1], max_new_tokens=len(ids))
+    rows = []
+    try:
+        rows += [logits for _, logits in model.prefill_step([seq])]
+        for token in ids[1:]:
+            seq.generated.append(token)
+            rows.append(model.decode_step([seq]))
+    finally:
+        model.kv_cache.remove_sequence(seq.seq_id)
+    return np.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize("quant, bits, agreement", [("q8", 8, 0.95), ("q4", 4, 0.9)])
+def test_decode_with_int8_activations_agrees_with_hf_on_the_same_weights(make_checkpoint,
+                                                                        make_artifact, quant,
+                                                                        bits, agreement):
+    """Decode steps, one token each (the prefill tests above pass many at once); measured
+    against HF float32 with the same quantized weights: top-1 agreement 1.0 (q8) and 0.96
+    (q4), KL 4e-4 both. Hidden size 128: the projections reading it take the VNNI kernel where
+    the host has one."""
+    checkpoint = make_checkpoint("quant-decode", **WIDER_CONFIG, tie_word_embeddings=False,
+                                 vocab_size=640)
+    ids = np.random.default_rng(3).integers(0, 640, 48).tolist()
+    with qwen3c.load(make_artifact(checkpoint, quant=quant)) as model:
+        ours = teacher_forced_decode_logits(model, ids)
+    result = compare_logits(ours, simulated(checkpoint, bits).logits(ids), ids)
+    assert result.agreement >= agreement and result.kl <= 1e-3, result
