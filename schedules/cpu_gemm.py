@@ -46,6 +46,17 @@ def tile_tokens(registers: int) -> int:
     return (registers - PANEL_VECTORS - 2) // PANEL_VECTORS
 
 
+def vector_unit(target: tvm.target.Target) -> tuple[int, int]:
+    """(float32 lanes, count) of the vector registers the kernels should use."""
+    if "arm_cpu" in target.keys:
+        return 4, 32  # NEON; SVE's width is only known at run time
+    if tvm.target.codegen.llvm_cpu_has_features("avx512f", target):
+        return 16, 32
+    if tvm.target.codegen.llvm_cpu_has_features("avx2", target):
+        return 8, 16
+    return 4, 16  # SSE
+
+
 def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
     """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m; ``lanes`` is the float32
     width of one machine vector (it must divide 16), ``registers`` how many there are."""

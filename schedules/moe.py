@@ -116,11 +116,121 @@ def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
     return group
 
 
+def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of):
+    """A TVMScript macro: ``sums[i, j]`` = the float32 row ``first + min(t0 + i, last)`` of
+    ``xf`` · weight row ``row_of(base, j)`` of expert ``e``, for a tile of ``tokens`` x ``rows``.
+
+    The tile's sums stay in ``tokens * rows`` vector registers of ``lanes`` partial sums along
+    the depth; each step loads the ``rows`` weight vectors once (converted to float32 once) and
+    uses each for every token. Rows past the last token repeat it (their sums are not stored)."""
+    steps, tail = depth // lanes, depth % lanes
+
+    @T.macro
+    def tile(xf, weight, e, first, t0, last, base, sums, acc, wv):
+        for i in T.unroll(tokens):
+            for j in T.unroll(rows):
+                for lane in T.vectorized(lanes):
+                    acc[i, j, lane] = T.float32(0)
+        for step in range(steps):
+            for j in T.unroll(rows):
+                for lane in T.vectorized(lanes):
+                    wv[j, lane] = T.Cast("float32",
+                                         weight[e, row_of(base, j), step * lanes + lane])
+            for i in T.unroll(tokens):
+                for j in T.unroll(rows):
+                    for lane in T.vectorized(lanes):
+                        acc[i, j, lane] = acc[i, j, lane] + xf[
+                            first + T.min(t0 + i, last), step * lanes + lane] * wv[j, lane]
+        for i in T.unroll(tokens):
+            for j in T.unroll(rows):
+                sums[i, j] = T.float32(0)
+                for lane in range(lanes):
+                    sums[i, j] = sums[i, j] + acc[i, j, lane]
+                for d in range(tail):
+                    sums[i, j] = sums[i, j] + xf[
+                        first + T.min(t0 + i, last), steps * lanes + d] * T.Cast(
+                        "float32", weight[e, row_of(base, j), steps * lanes + d])
+
+    return tile
+
+
+def tile_rows(registers: int) -> int:
+    """Weight rows per tile: 4 with 32 vector registers (AVX-512, NEON), else 2 (AVX2)."""
+    return 4 if registers >= 32 else 2
+
+
+def tile_tokens(registers: int, rows: int) -> int:
+    """Tokens per tile: ``tokens * rows`` accumulators, ``rows`` weight vectors and one x
+    value fit in the vector registers (6 tokens on AVX-512/NEON and on AVX2)."""
+    return (registers - rows - 1) // rows
+
+
+def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int, depth: int,
+                row_of, epilogue):
+    """A TVMScript macro running expert ``e`` over its grouped rows of ``xf``: ``features``
+    output features in units of ``width`` (weight rows ``row_of(base, j)``, ``j < rows``), a
+    parallel task per ROWS features. Each unit walks the expert's tokens in tiles (one token at
+    a time when there are fewer than a tile, as in decode) and hands each tile's sums to
+    ``epilogue(dst, routing, order, sums, first, t0, count, base, tokens)``."""
+    MT = tile_tokens(registers, rows)
+    tile, single = (expert_tile(t, rows, lanes, depth, row_of) for t in (MT, 1))
+    units = (features + width - 1) // width
+    per_task = max(1, ROWS // width)
+
+    @T.macro
+    def run(xf, weight, offsets, e, dst, routing, order):
+        first = offsets[e]
+        count = offsets[e + 1] - offsets[e]
+        for task in T.parallel((units + per_task - 1) // per_task):
+            with T.sblock("expert_rows"):
+                T.reads()  # independent tasks; nothing schedules this block
+                T.writes()
+                acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="local")
+                wv = T.sblock_alloc_buffer((rows, lanes), "float32", scope="local")
+                sums = T.sblock_alloc_buffer((MT, rows), "float32", scope="local")
+                for u in range(per_task):
+                    if task * per_task + u < units:
+                        base = (task * per_task + u) * width
+                        if count >= MT:
+                            for t in range((count + MT - 1) // MT):
+                                tile(xf, weight, e, first, t * MT, count - 1, base, sums, acc,
+                                     wv)
+                                epilogue(dst, routing, order, sums, first, t * MT, count,
+                                         base, MT)
+                        else:
+                            for t in range(count):
+                                single(xf, weight, e, first, t, count - 1, base, sums, acc,
+                                       wv)
+                                epilogue(dst, routing, order, sums, first, t, count, base, 1)
+
+    return run
+
+
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                     dtype: str) -> tirx.PrimFunc:
-    """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row."""
+                     dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
+    """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row.
+
+    A unit's weight rows are ``P`` gate rows and the up rows of the same features, so SwiGLU
+    is applied straight to the tile's sums. The rows of x are gathered in the grouped order and
+    converted to float32 once per call."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
-    blocks = (I + ROWS - 1) // ROWS
+    J = tile_rows(registers)
+    P = J // 2
+
+    def row_of(base, j):
+        feature = T.min(base + j % P, I - 1)
+        return T.if_then_else(j < P, feature, I + feature)
+
+    @T.macro
+    def swiglu(act, routing, order, sums, first, t0, count, base, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for j in T.unroll(P):
+                    if base + j < I:
+                        act[first + t0 + i, base + j] = T.Cast(dtype, sums[i, j] / (
+                            T.float32(1) + T.exp(-sums[i, j])) * sums[i, P + j])
+
+    run = expert_rows(I, P, J, lanes, registers, H, row_of, swiglu)
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
@@ -130,33 +240,42 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
         x = T.match_buffer(var_x, (n, T.int64(H)), dtype)
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
-        for e in range(E):
-            if offsets[e + 1] > offsets[e]:
-                for block in T.parallel(blocks):
-                    with T.sblock("gate_up"):
-                        acc = T.sblock_alloc_buffer((2,), "float32")
-                        for r, i in T.grid(offsets[e + 1] - offsets[e], ROWS):
-                            if block * ROWS + i < I:
-                                acc[0] = T.float32(0)
-                                acc[1] = T.float32(0)
-                                for h in range(H):
-                                    acc[0] = acc[0] + T.Cast(
-                                        "float32", x[order[offsets[e] + r] // K, h]) * T.Cast(
-                                        "float32", weight[e, block * ROWS + i, h])
-                                    acc[1] = acc[1] + T.Cast(
-                                        "float32", x[order[offsets[e] + r] // K, h]) * T.Cast(
-                                        "float32", weight[e, I + block * ROWS + i, h])
-                                act[offsets[e] + r, block * ROWS + i] = T.Cast(
-                                    dtype, acc[0] / (T.float32(1) + T.exp(-acc[0])) * acc[1])
+        with T.sblock("gate_up"):
+            xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H)), "float32")
+            for r in T.parallel(n * T.int64(K)):
+                if r < T.Cast("int64", offsets[E]):
+                    for h in T.vectorized(H):
+                        xf[r, h] = T.Cast("float32", x[order[r] // K, h])
+            for e in range(E):
+                if offsets[e + 1] > offsets[e]:
+                    run(xf, weight, offsets, e, act, None, order)
 
     return gate_up
 
 
 def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                     dtype: str) -> tirx.PrimFunc:
-    """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32."""
+                     dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
+    """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32. Each task
+    owns its output features and a token meets an expert at most once, so the scatter-add has
+    no races."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
-    blocks = (H + ROWS - 1) // ROWS
+    J = tile_rows(registers)
+
+    def row_of(base, j):
+        return T.min(base + j, H - 1)
+
+    @T.macro
+    def scatter(out, routing, order, sums, first, t0, count, base, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for j in T.unroll(J):
+                    if base + j < H:
+                        out[order[first + t0 + i] // K, base + j] = (
+                            out[order[first + t0 + i] // K, base + j]
+                            + routing[order[first + t0 + i] // K,
+                                      order[first + t0 + i] % K] * sums[i, j])
+
+    run = expert_rows(H, J, J, lanes, registers, I, row_of, scatter)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),
@@ -168,25 +287,18 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
         out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
-        for t in T.parallel(n):
-            for h in range(H):
-                out[t, h] = T.float32(0)
-        for e in range(E):
-            if offsets[e + 1] > offsets[e]:
-                for block in T.parallel(blocks):
-                    with T.sblock("down"):
-                        acc = T.sblock_alloc_buffer((1,), "float32")
-                        for r, j in T.grid(offsets[e + 1] - offsets[e], ROWS):
-                            if block * ROWS + j < H:
-                                acc[0] = T.float32(0)
-                                for i in range(I):
-                                    acc[0] = acc[0] + T.Cast(
-                                        "float32", act[offsets[e] + r, i]) * T.Cast(
-                                        "float32", weight[e, block * ROWS + j, i])
-                                out[order[offsets[e] + r] // K, block * ROWS + j] = (
-                                    out[order[offsets[e] + r] // K, block * ROWS + j]
-                                    + routing[order[offsets[e] + r] // K,
-                                              order[offsets[e] + r] % K] * acc[0])
+        with T.sblock("down"):
+            xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I)), "float32")
+            for t in T.parallel(n):
+                for h in T.vectorized(H):
+                    out[t, h] = T.float32(0)
+            for r in T.parallel(n * T.int64(K)):
+                if r < T.Cast("int64", offsets[E]):
+                    for i in T.vectorized(I):
+                        xf[r, i] = T.Cast("float32", act[r, i])
+            for e in range(E):
+                if offsets[e + 1] > offsets[e]:
+                    run(xf, weight, offsets, e, out, routing, order)
 
     return down
 

@@ -20,7 +20,7 @@ from tvm.support.cc import cross_compiler
 
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
-from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
+from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls, vector_unit
 from qwen3c.targets.base import Phase, Target, TargetChoice
 from qwen3c.targets.noalias import uniform_noalias
 
@@ -48,17 +48,6 @@ def host_arch() -> str:
 def host_cpu() -> str:
     """LLVM's name for this CPU; ``mcpu=native`` silently means ``generic`` in TVM 0.27."""
     return str(tvm.target.codegen.llvm_get_system_cpu())
-
-
-def vector_unit(target: tvm.target.Target) -> tuple[int, int]:
-    """(float32 lanes, count) of the vector registers the kernels should use."""
-    if "arm_cpu" in target.keys:
-        return 4, 32  # NEON; SVE's width is only known at run time
-    if tvm.target.codegen.llvm_cpu_has_features("avx512f", target):
-        return 16, 32
-    if tvm.target.codegen.llvm_cpu_has_features("avx2", target):
-        return 8, 16
-    return 4, 16  # SSE
 
 
 def physical_cores() -> int:

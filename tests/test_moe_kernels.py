@@ -18,12 +18,13 @@ E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
 FIRST_EXPERT_0 = np.zeros(1, np.int64)
 
 
-def build(normalize: bool, dtype: str, local_experts: int = E):
+def build(normalize: bool, dtype: str, local_experts: int = E,
+          vectors: tuple[int, int] = (16, 32)):
     funcs = {
         "route": moe.moe_route(E, K, normalize),
         "group": moe.moe_group(local_experts, K),
-        "gate_up": moe.moe_gate_up_silu(local_experts, K, H, I, dtype),
-        "down": moe.moe_down_scatter(local_experts, K, H, I, dtype),
+        "gate_up": moe.moe_gate_up_silu(local_experts, K, H, I, dtype, *vectors),
+        "down": moe.moe_down_scatter(local_experts, K, H, I, dtype, *vectors),
     }
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     backend = get_target("llvm")
@@ -69,9 +70,10 @@ def routings(n: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("routing", ["spread", "crowded"])
-@pytest.mark.parametrize("n", [1, 13])
-def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n):
-    lib = build(True, dtype)
+@pytest.mark.parametrize("n", [1, 13, 40])  # experts with a token, a few, many tiles
+@pytest.mark.parametrize("vectors", [(16, 32), (8, 16), (4, 32)])  # AVX-512, AVX2, NEON
+def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, vectors):
+    lib = build(True, dtype, vectors=vectors)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(2)
     experts = routings(n)[routing]
