@@ -39,7 +39,7 @@ from tvm.target import Target
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
-from qwen3c.schedules import moe, moe_gpu, quant, vector_unit
+from qwen3c.schedules import moe, moe_gpu, moe_quant, quant, vector_unit
 from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.schedules.rope import split_rotary
@@ -71,6 +71,15 @@ class Linear(nn.Linear):
         return y.astype(self.weight_dtype)
 
 
+def quantized_params(rows: int, cols: int, scheme: QuantScheme,
+                     lead: tuple[int, ...] = ()) -> tuple[nn.Parameter, nn.Parameter]:
+    """The integers and scales of a [*lead, rows, cols] weight (``lead``: e.g. experts)."""
+    values = nn.Parameter((*lead, *scheme.storage_shape(rows, cols)), scheme.storage_dtype)
+    scales = nn.Parameter((*lead, *scheme.scale_shape(rows, cols)), quant.SCALE_DTYPE)
+    mark_quantized(values, scales, scheme)
+    return values, scales
+
+
 class QuantLinear(nn.Module):
     """y = x Wᵀ (+ b) with W stored as group-wise integers and bfloat16 scales
     (``schedules/quant.py``), multiplied in integers with the activations rounded to int8 per
@@ -80,11 +89,7 @@ class QuantLinear(nn.Module):
                  scheme: QuantScheme, out_dtype: str | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.scheme, self.out_dtype = dtype, scheme, out_dtype or dtype
-        self.weight = nn.Parameter(scheme.storage_shape(out_features, in_features),
-                                   scheme.storage_dtype)
-        self.weight_scale = nn.Parameter(scheme.scale_shape(out_features, in_features),
-                                         quant.SCALE_DTYPE)
-        mark_quantized(self.weight, self.weight_scale, scheme)
+        self.weight, self.weight_scale = quantized_params(out_features, in_features, scheme)
         self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,6 +265,13 @@ class Qwen3MoeExperts(nn.Module):
         self.dtype = dtype
         self.gpu = build.gpu
         E, H, I = self.num_experts, self.hidden, self.intermediate
+        scheme = build.quant
+        self.scheme = scheme if scheme and H % scheme.group == I % scheme.group == 0 else None
+        if self.scheme:  # quantization is never sharded (LlvmTarget.check_quantization)
+            self.gate_up_proj, self.gate_up_proj_scale = quantized_params(2 * I, H, self.scheme,
+                                                                          (E,))
+            self.down_proj, self.down_proj_scale = quantized_params(H, I, self.scheme, (E,))
+            return
         self.gate_up_proj = nn.Parameter((E, 2 * I, H), dtype)
         self.down_proj = nn.Parameter((E, H, I), dtype)
         if expert_parallel:
@@ -292,6 +304,18 @@ class Qwen3MoeExperts(nn.Module):
         offsets, order = op.tensor_ir_op(
             moe.moe_group(E, k), "moe_group", [experts, self.first_expert()],
             [Tensor.placeholder((E + 1,), "int32"), Tensor.placeholder((n * k,), "int32")])
+        if self.scheme:
+            vnni = quant.has_vnni(Target.current())
+            act = op.tensor_ir_op(
+                moe_quant.quantized_gate_up_silu(E, k, H, I, self.scheme, self.dtype, vnni),
+                "quantized_gate_up_silu",
+                [x, self.gate_up_proj, self.gate_up_proj_scale, offsets, order],
+                Tensor.placeholder((n * k, I), self.dtype))
+            return op.tensor_ir_op(
+                moe_quant.quantized_down_scatter(E, k, H, I, self.scheme, self.dtype, vnni),
+                "quantized_down_scatter",
+                [act, self.down_proj, self.down_proj_scale, offsets, order, weights],
+                Tensor.placeholder((n, H), ACCUMULATE))
         vectors = vector_unit(Target.current())
         act = op.tensor_ir_op(
             moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors), "moe_gate_up_silu",

@@ -1,10 +1,12 @@
 """Weight quantization declared on the model: which parameters hold integers, which their scales.
 
-``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) as
-group-wise symmetric integers with bfloat16 scales (``schedules/quant.py``), and the lm_head
-always as int8 (a tied head gets its own int8 copy of the embedding table): it is a quarter of
-the bytes a small model reads per token, and its errors land on the logits directly. The
-embedding lookup, norms, the MoE router and the MoE experts stay in the model dtype.
+``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) and
+the MoE experts' gate_up and down as group-wise symmetric integers with bfloat16 scales
+(``schedules/quant.py``, ``schedules/moe_quant.py``), and the lm_head always as int8 (a tied
+head gets its own int8 copy of the embedding table): it is a quarter of the bytes a small model
+reads per token, and its errors land on the logits directly. The embedding lookup, norms and
+the MoE router stay in the model dtype, as does any projection whose sizes the group or the
+kernels' row tiles do not divide.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ class QuantParam:
         """The float weight this parameter is made from."""
         return name.removesuffix(SCALE_SUFFIX) if self.role == "scales" else name
 
-    def float_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        n, cols = shape
+    def float_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        *lead, cols = shape
         if self.role == "scales":
-            return n, cols * self.group
-        return n, cols * (2 if self.bits == 4 else 1)
+            return (*lead, cols * self.group)
+        return (*lead, cols * (2 if self.bits == 4 else 1))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -87,8 +87,10 @@ class QuantScheme:
 
 
 def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """(integers in storage layout, scales) for a float weight [N, K]."""
-    n, k = weight.shape
+    """(integers in storage layout, scales) for a float weight [..., N, K], row by row (the
+    leading axes, e.g. experts, are kept)."""
+    *lead, k = weight.shape
+    n = int(np.prod(lead))
     groups = weight.astype(np.float32).reshape(n, k // scheme.group, scheme.group)
     if scheme.bits == 8:
         scale, q = _rounded(groups, np.abs(groups).max(axis=-1, keepdims=True) / 127, scheme)
@@ -107,8 +109,8 @@ def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.nd
             q = np.where(better, trial_q, q)
             best = np.minimum(error, best)
     stored = (q.reshape(n, k) + scheme.offset).astype(np.uint8)
-    return (_interleave(stored, scheme),
-            scale.reshape(scheme.scale_shape(n, k)).astype(ml_dtypes.bfloat16))
+    return (_interleave(stored, scheme).reshape(*lead, -1),
+            scale.reshape(*lead, k // scheme.group).astype(ml_dtypes.bfloat16))
 
 
 def _rounded(groups: np.ndarray, scale: np.ndarray,
@@ -154,11 +156,13 @@ def _natural(q: np.ndarray, scheme: QuantScheme, k: int) -> np.ndarray:
 
 
 def dequantize_reference(q: np.ndarray, scale: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """The float32 weight [N, K] that ``q`` and ``scale`` stand for (numpy)."""
-    n, groups = scale.shape
-    ints = _natural(q, scheme, groups * scheme.group).astype(np.float32) - scheme.offset
-    weights = ints.reshape(n, groups, scheme.group) * scale.astype(np.float32)[..., None]
-    return weights.reshape(n, groups * scheme.group)
+    """The float32 weight [..., N, K] that ``q`` and ``scale`` stand for (numpy)."""
+    *lead, groups = scale.shape
+    n, k = int(np.prod(lead)), groups * scheme.group
+    ints = _natural(q.reshape(n, -1), scheme, k).astype(np.float32) - scheme.offset
+    weights = ints.reshape(n, groups, scheme.group) * scale.reshape(n, groups, 1).astype(
+        np.float32)
+    return weights.reshape(*lead, k)
 
 
 def _position(group, i, scheme: QuantScheme, lanes: int):
@@ -178,29 +182,58 @@ def has_vnni(target: tvm.target.Target) -> bool:
             and all(codegen.target_has_features(f, target) for f in ("avx512vnni", "avx512vl")))
 
 
-def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
-                     vnni: bool) -> tirx.PrimFunc:
-    """y[m, N] (float32) = x[m, K] · Wᵀ from the integers, for any token count m.
+def activation_quantizer(scheme: QuantScheme, k: int):
+    """A TVMScript macro quantizing row ``src`` of ``x`` [., k] into row ``r`` of ``xa`` (int8
+    levels in the interleaved order), ``x_scale`` and ``x_offset`` (offset · Σ levels), one
+    group of G at a time: scale max|x| / 127, as llama.cpp's q8_0."""
+    G, LANES = scheme.group, scheme.lanes(k)
+    offset = scheme.offset
 
-    First each token's activations are quantized per group into the interleaved order, with
-    their scales and offset · Σ levels per group. Then each task takes 8 weight rows and walks
-    their blocks, one int32 vector of LANES group sums per row and block (STEPS dot products,
-    two per weight vector for 4 bits: low and high nibbles), folded into a float32
-    accumulator vector per row.
-    """
-    assert scheme.fits(n, k), (n, k, scheme)
-    N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
-    QN, QK = scheme.storage_shape(n, k)
+    @T.macro
+    def quantize(x, src, r, xa, x_scale, x_offset):
+        for group in range(k // G):
+            with T.sblock("quantize_x"):
+                T.reads()  # independent groups; nothing schedules this block
+                T.writes()
+                top = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                total = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                top[0] = T.float32(0)
+                for i in range(G):
+                    top[0] = T.max(top[0], T.abs(T.Cast("float32", x[src, group * G + i])))
+                x_scale[r, group] = top[0] / T.float32(127)
+                inverse = T.if_then_else(top[0] > T.float32(0), T.float32(127) / top[0],
+                                         T.float32(0))
+                total[0] = 0
+                for i in range(G):
+                    level = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
+                                                   * inverse))
+                    xa[r, _position(group, i, scheme, LANES)] = level
+                    total[0] = total[0] + T.Cast("int32", level)
+                x_offset[r, group] = total[0] * offset
+
+    return quantize
+
+
+def row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, experts: bool):
+    """A TVMScript macro: ``dots[j]`` (float32) = weight row ``row_of(base, j)`` (of expert
+    ``e`` when ``experts``: weights [E, N, .]) · quantized activation row ``t``, for
+    ``j < rows``.
+
+    It walks the row's blocks, one int32 vector of LANES group sums per row and block (STEPS
+    dot products, two per weight vector for 4 bits: low and high nibbles), folded into a
+    float32 accumulator vector per row with the weight and activation scales; the offset is
+    removed once per group."""
+    K, G = k, scheme.group
     LANES = scheme.lanes(k)
     B, V = LANES * G, LANES * DOT  # elements per block, bytes per dot product
     BLOCKS, STEPS = K // B, B // V  # blocks per row, dot products per block
-    offset = scheme.offset
 
-    def weights(q, row, block, step, first, count):
+    def weights(q, e, row, block, step, first, count):
         """``count`` unsigned levels from byte ``first`` of the weights that meet
         activations xa[block, step]."""
         def at(base):
-            return q[row, T.ramp(base + first, 1, count) if count > 1 else base + first]
+            index = T.ramp(base + first, 1, count) if count > 1 else base + first
+            return q[e, row, index] if experts else q[row, index]
 
         def splat(value):
             return T.broadcast(T.uint8(value), count) if count > 1 else T.uint8(value)
@@ -211,24 +244,63 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
         return T.if_then_else(step % 2 == 0, T.bitwise_and(byte, splat(15)),
                               T.shift_right(byte, splat(4)))
 
+    def weight_scale(scale, e, row, group):
+        return T.Cast("float32", scale[e, row, group] if experts else scale[row, group])
+
     @T.macro
-    def add_dot_products(sums, q, xa, row, t, block, step):
+    def add_dot_products(sums, q, xa, e, row, t, block, step):
         """sums[lane] += the DOT products of lane's group in this step."""
         if vnni and LANES >= 4:
             sums[T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
                 f"int32x{LANES}", f"llvm.x86.avx512.vpdpbusd.{LANES * 32}",
-                sums[T.ramp(0, 1, LANES)], weights(q, row, block, step, 0, V),
+                sums[T.ramp(0, 1, LANES)], weights(q, e, row, block, step, 0, V),
                 xa[t, T.ramp(block * B + step * V, 1, V)])
         else:
             for lane in T.vectorized(LANES):
-                for e in T.unroll(DOT):
+                for d in T.unroll(DOT):
                     sums[lane] = sums[lane] + T.Cast(
-                        "int32", weights(q, row, block, step, lane * DOT + e, 1)) * T.Cast(
-                        "int32", xa[t, block * B + step * V + lane * DOT + e])
+                        "int32", weights(q, e, row, block, step, lane * DOT + d, 1)) * T.Cast(
+                        "int32", xa[t, block * B + step * V + lane * DOT + d])
+
+    @T.macro
+    def dot(q, scale, xa, x_scale, x_offset, e, base, t, acc, sums, dots):
+        for j in T.unroll(rows):
+            for lane in T.vectorized(LANES):
+                acc[j, lane] = T.float32(0)
+        for block in range(BLOCKS):
+            for j in T.unroll(rows):
+                for lane in T.vectorized(LANES):
+                    sums[lane] = 0
+                for step in T.unroll(STEPS):
+                    add_dot_products(sums, q, xa, e, row_of(base, j), t, block, step)
+                for lane in T.vectorized(LANES):
+                    acc[j, lane] = acc[j, lane] + T.Cast(
+                        "float32", sums[lane] - x_offset[t, block * LANES + lane]) * (
+                        weight_scale(scale, e, row_of(base, j), block * LANES + lane)
+                        * x_scale[t, block * LANES + lane])
+        for j in range(rows):
+            dots[j] = T.float32(0)
+            for lane in range(LANES):
+                dots[j] = dots[j] + acc[j, lane]
+
+    return dot
+
+
+def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
+                     vnni: bool) -> tirx.PrimFunc:
+    """y[m, N] (float32) = x[m, K] · Wᵀ from the integers, for any token count m: each
+    token's activations are quantized once, then each task takes 8 weight rows past every
+    token (``row_dots``)."""
+    assert scheme.fits(n, k), (n, k, scheme)
+    N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
+    QN, QK = scheme.storage_shape(n, k)
+    LANES = scheme.lanes(k)
+    quantize = activation_quantizer(scheme, K)
+    dot = row_dots(scheme, K, NG, vnni, lambda base, j: base + j, experts=False)
 
     @T.prim_func(private=True, s_tir=True)
     def matmul(var_x: T.handle, q: T.Buffer((QN, QK), "uint8"),
-             scale: T.Buffer((N, K // G), SCALE_DTYPE), var_y: T.handle):
+               scale: T.Buffer((N, K // G), SCALE_DTYPE), var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
@@ -236,53 +308,17 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
         with T.sblock("matmul"):
             xa = T.sblock_alloc_buffer((m, T.int64(K)), "int8")  # levels, interleaved
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")
-            x_offset = T.sblock_alloc_buffer((m, T.int64(K // G)), "int32")  # offset · Σ levels
+            x_offset = T.sblock_alloc_buffer((m, T.int64(K // G)), "int32")
             for t in T.parallel(m):  # tokens of a prefill in parallel
-                for group in range(K // G):
-                    with T.sblock("quantize_x"):
-                        T.reads()  # independent groups; nothing schedules this block
-                        T.writes()
-                        top = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        total = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        top[0] = T.float32(0)
-                        for i in range(G):
-                            top[0] = T.max(top[0],
-                                           T.abs(T.Cast("float32", x[t, group * G + i])))
-                        x_scale[t, group] = top[0] / T.float32(127)
-                        inverse = T.if_then_else(top[0] > T.float32(0),
-                                                 T.float32(127) / top[0], T.float32(0))
-                        total[0] = 0
-                        for i in range(G):
-                            level = T.Cast("int8", T.round(
-                                T.Cast("float32", x[t, group * G + i]) * inverse))
-                            xa[t, _position(group, i, scheme, LANES)] = level
-                            total[0] = total[0] + T.Cast("int32", level)
-                        x_offset[t, group] = total[0] * offset
+                quantize(x, t, t, xa, x_scale, x_offset)
             for task in T.parallel(N // NG):
                 for t in range(m):
                     with T.sblock("rows"):
                         acc = T.sblock_alloc_buffer((NG, LANES), "float32", scope="local")
                         sums = T.sblock_alloc_buffer((LANES,), "int32", scope="local")
-                        for j in T.unroll(NG):
-                            for lane in T.vectorized(LANES):
-                                acc[j, lane] = T.float32(0)
-                        for block in range(BLOCKS):
-                            for j in T.unroll(NG):
-                                for lane in T.vectorized(LANES):
-                                    sums[lane] = 0
-                                for step in T.unroll(STEPS):
-                                    add_dot_products(sums, q, xa, task * NG + j, t, block,
-                                                     step)
-                                for lane in T.vectorized(LANES):
-                                    acc[j, lane] = acc[j, lane] + T.Cast(
-                                        "float32", sums[lane]
-                                        - x_offset[t, block * LANES + lane]) * (
-                                        T.Cast("float32",
-                                               scale[task * NG + j, block * LANES + lane])
-                                        * x_scale[t, block * LANES + lane])
+                        dots = T.sblock_alloc_buffer((NG,), "float32", scope="local")
+                        dot(q, scale, xa, x_scale, x_offset, 0, task * NG, t, acc, sums, dots)
                         for j in range(NG):
-                            y[t, task * NG + j] = T.float32(0)
-                            for lane in range(LANES):
-                                y[t, task * NG + j] = y[t, task * NG + j] + acc[j, lane]
+                            y[t, task * NG + j] = dots[j]
 
     return matmul

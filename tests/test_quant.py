@@ -12,6 +12,7 @@ from conftest import WIDER_CONFIG
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.reference import HFReference
+from qwen3c.schedules.moe_quant import quantized_down_scatter, quantized_gate_up_silu
 from qwen3c.schedules.quant import (
     QuantScheme,
     dequantize_reference,
@@ -92,17 +93,72 @@ def activations_as_int8(x: np.ndarray, group: int) -> np.ndarray:
     return (levels * (top / np.float32(127))).reshape(x.shape)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: f"int{s.bits}")
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni-if-host-has-it", "plain"])
+@pytest.mark.parametrize("n", [1, 13])
+def test_quantized_expert_kernels_match_numpy(scheme, vnni, n):
+    """Grouped gate_up + SwiGLU and down + weighted scatter over quantized experts. Hidden 128
+    (4 groups: blocks of 4, the VNNI path where the host has it) and intermediate 96 (3
+    groups: blocks of 1, the plain path); 3 of 8 experts get no token."""
+    E, K, H, I = 8, 2, 128, 96
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    vnni = vnni and has_vnni(target)
+    kernels = {"gate_up": quantized_gate_up_silu(E, K, H, I, scheme, "bfloat16", vnni),
+               "down": quantized_down_scatter(E, K, H, I, scheme, "bfloat16", vnni)}
+    lib = tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name)
+                                    for name, f in kernels.items()}), target=target)
+    rng = np.random.default_rng(4)
+    experts = np.stack([rng.choice(5, K, replace=False) for _ in range(n)]).astype(np.int32)
+    routing = rng.uniform(0.1, 1.0, (n, K)).astype(np.float32)
+    order = np.argsort(experts.reshape(-1), kind="stable").astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(experts.reshape(-1), minlength=E))])
+    x = rng.normal(size=(n, H)).astype(ml_dtypes.bfloat16)
+    gate_up, gate_up_scale = quantize(rng.normal(size=(E, 2 * I, H)), scheme)
+    down, down_scale = quantize(rng.normal(size=(E, H, I)), scheme)
+    w1 = dequantize_reference(gate_up, gate_up_scale, scheme)
+    w2 = dequantize_reference(down, down_scale, scheme)
+
+    def tensor(a):
+        return tvm.runtime.tensor(a)
+
+    act = tensor(np.zeros((n * K, I), ml_dtypes.bfloat16))
+    out = tensor(np.zeros((n, H), np.float32))
+    lib["gate_up"](tensor(x), tensor(gate_up), tensor(gate_up_scale),
+                   tensor(offsets.astype(np.int32)), tensor(order), act)
+    lib["down"](act, tensor(down), tensor(down_scale), tensor(offsets.astype(np.int32)),
+                tensor(order), tensor(routing), out)
+
+    xq = activations_as_int8(x.astype(np.float32), scheme.group)
+    expected_act = np.zeros((n * K, I), np.float32)
+    for r, pair in enumerate(order):
+        token, e = pair // K, experts.reshape(-1)[pair]
+        gate, up = w1[e, :I] @ xq[token], w1[e, I:] @ xq[token]
+        expected_act[r] = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(act.numpy().astype(np.float32), expected_act, rtol=2e-2,
+                               atol=2e-2 * np.abs(expected_act).max())
+    act_q = activations_as_int8(act.numpy().astype(np.float32), scheme.group)
+    expected = np.zeros((n, H), np.float32)
+    for r, pair in enumerate(order):
+        token, slot = divmod(int(pair), K)
+        expected[token] += routing[token, slot] * (w2[experts[token, slot]] @ act_q[r])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+
 CHECKPOINTS = {  # initializer_range 0.1 (conftest)
     "dense-untied": dict(tie_word_embeddings=False, vocab_size=640),
     "dense-tied": dict(vocab_size=640),  # the int8 head is a copy of the embedding table
-    "moe": dict(moe=True, vocab_size=640),
+    "moe": dict(moe=True, vocab_size=640, moe_intermediate_size=64),  # experts quantized too
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")  # [E, rows, cols], rows quantized
 
 
 def simulated(checkpoint, bits: int):
     """HF float32 with the weights qwen3c quantizes replaced by their dequantised values (numpy
-    reference): projections at ``bits``, the lm_head (untied from the embedding) at 8 bits."""
+    reference): projections and experts at ``bits``, the lm_head (untied from the embedding)
+    at 8 bits."""
     import torch
 
     reference = HFReference(checkpoint, "float32")
@@ -113,7 +169,7 @@ def simulated(checkpoint, bits: int):
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(tuple(f"{p}.weight" for p in PROJECTIONS)) and "experts" not in name:
+            if name.endswith((*(f"{p}.weight" for p in PROJECTIONS), *EXPERTS)):
                 param.copy_(restored(param, QuantScheme(bits, 32)))
         head = restored(model.get_output_embeddings().weight, QuantScheme(8, 32))
         model.lm_head.weight = torch.nn.Parameter(head)
@@ -126,8 +182,9 @@ def test_quantized_models_match_hf_with_the_same_quantized_weights(make_checkpoi
                                                                    make_artifact, quant, bits,
                                                                    kind):
     """What the kernels add to the weights' quantization error is the int8 rounding of the
-    activations. Measured (agreement, KL): dense 0.955-0.97, 1.2e-4; MoE 0.88 / 0.955 (q8 / q4),
-    5e-3 / 1.4e-3 (a rounded activation flips some tokens' experts on these random models)."""
+    activations. Measured (agreement, KL): dense 0.955-0.97, 1.2e-4; MoE (experts quantized
+    too) 0.95 / 0.885 (q8 / q4), 6.5e-4 / 1.7e-3 (a rounded activation flips some tokens'
+    experts on these random models)."""
     checkpoint = make_checkpoint(f"quant-{kind}", **CHECKPOINTS[kind])
     ids = np.random.default_rng(2).integers(0, 640, 200).tolist()
     with qwen3c.load(make_artifact(checkpoint, quant=quant)) as model:
@@ -140,10 +197,10 @@ def test_quantized_models_match_hf_with_the_same_quantized_weights(make_checkpoi
 
 @pytest.mark.parametrize("kind", list(CHECKPOINTS))
 def test_int8_models_agree_with_hf_float32(make_checkpoint, make_artifact, kind):
-    """Measured: top-1 agreement 0.945 / 0.97 / 0.875 (untied, tied, MoE), KL 2e-4 / 2e-4 /
-    6e-3, on these random models, whose near-uniform logits flip on small changes (HF float32
-    with the same int8 weights agrees 0.98 with HF float32 on the dense one). With float
-    activations (before the integer kernel ran prefill too) MoE measured 0.925 and 3e-3."""
+    """Measured: top-1 agreement 0.945 / 0.97 / 0.915 (untied, tied, MoE with int8 experts),
+    KL 2e-4 / 2e-4 / 1.1e-3, on these random models, whose near-uniform logits flip on small
+    changes (HF float32 with the same int8 weights agrees 0.98 with HF float32 on the dense
+    one)."""
     checkpoint = make_checkpoint(f"quant-{kind}", **CHECKPOINTS[kind])
     ids = np.random.default_rng(2).integers(0, 640, 200).tolist()
     with qwen3c.load(make_artifact(checkpoint, quant="q8")) as model:
