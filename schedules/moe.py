@@ -18,6 +18,8 @@ TVM's own MoE kernels bind GPU threads only; these are plain loops for LLVM.
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -59,6 +61,7 @@ def route_token(num_experts: int, top_k: int, normalize: bool):
     return route
 
 
+@functools.cache
 def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
     """``route_token`` for every token, tokens in parallel."""
     E, K = num_experts, top_k
@@ -82,6 +85,7 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
     return route
 
 
+@functools.cache
 def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
     """A stable counting sort of the (token, slot) pairs by expert, over the ``num_experts``
     local experts ``first[0] ..``: pairs routed to other experts (held by other shards under
@@ -206,6 +210,7 @@ def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int
     return run
 
 
+@functools.cache
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
     """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row.
@@ -253,6 +258,7 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
     return gate_up
 
 
+@functools.cache
 def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
     """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32. Each task
@@ -328,6 +334,7 @@ def sum_router_stats(num_experts: int, top_k: int):
     return accumulate
 
 
+@functools.cache
 def moe_router_stats(num_experts: int, top_k: int) -> tirx.PrimFunc:
     """Per expert: tokens routed to it, their summed routing weight, and the summed softmax
     probability over all tokens (the P_i of the Switch-Transformer balance loss)."""

@@ -17,6 +17,8 @@ are float32. Compiled here for sm_80/sm_90; never run (no GPU was available to t
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -25,6 +27,7 @@ from qwen3c.schedules.moe import route_token, sum_router_stats
 THREADS = 128  # threads per block of the per-feature kernels and of route
 
 
+@functools.cache
 def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
     """``moe.route_token`` for every token, a thread each."""
     E, K = num_experts, top_k
@@ -51,6 +54,7 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
     return route
 
 
+@functools.cache
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str) -> tirx.PrimFunc:
     """act[t * k + s, i] for every pair, from the expert ids directly (no grouping)."""
@@ -91,6 +95,7 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
     return gate_up
 
 
+@functools.cache
 def moe_down_sum(num_experts: int, top_k: int, hidden: int, intermediate: int,
                  dtype: str) -> tirx.PrimFunc:
     """out[t, h] = Σ_s weights[t, s] · (W2[e, h] · act[t * k + s]) in float32."""
@@ -131,6 +136,7 @@ def moe_down_sum(num_experts: int, top_k: int, hidden: int, intermediate: int,
     return down
 
 
+@functools.cache
 def moe_router_stats(num_experts: int, top_k: int) -> tirx.PrimFunc:
     """As ``moe.moe_router_stats``, on one GPU thread."""
     E, K = num_experts, top_k
