@@ -23,7 +23,7 @@ from qwen3c.schedules.quant import (
 from qwen3c.targets import get_target
 from qwen3c.verify import compare_logits
 
-N = 72  # 9 tasks of 8 rows
+N = 80  # 5 tasks of 16 rows
 WIDTHS = (96, 640, 512)  # groups of 32 per row: 3 (a block each), 20 (blocks of 4), 16
 SCHEMES = [QuantScheme(8, 32), QuantScheme(4, 32), QuantScheme(4, 16)]
 
