@@ -210,6 +210,50 @@ def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int
     return run
 
 
+def paired_rows(intermediate: int, pairs: int):
+    """``row_of`` for gate_up units of ``pairs`` features: their gate rows, then their up rows
+    (``intermediate`` rows further), so SwiGLU can run on one unit's sums."""
+    def row_of(base, j):
+        feature = T.min(base + j % pairs, intermediate - 1)
+        return T.if_then_else(j < pairs, feature, intermediate + feature)
+
+    return row_of
+
+
+def swiglu_store(intermediate: int, pairs: int, dtype: str):
+    """An epilogue macro: act[row, feature] = silu(gate) * up from a tile's sums of
+    ``paired_rows`` (``routing`` and ``order`` unused)."""
+    @T.macro
+    def store(act, routing, order, sums, first, t0, count, base, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for j in T.unroll(pairs):
+                    if base + j < intermediate:
+                        act[first + t0 + i, base + j] = T.Cast(dtype, sums[i, j] / (
+                            T.float32(1) + T.exp(-sums[i, j])) * sums[i, pairs + j])
+
+    return store
+
+
+def scatter_add(hidden: int, rows: int, top_k: int):
+    """An epilogue macro: out[token, feature] += routing weight · sum, for each grouped row of
+    a tile (rows in grouped order; ``order`` maps them back to (token, slot))."""
+    K = top_k
+
+    @T.macro
+    def scatter(out, routing, order, sums, first, t0, count, base, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for j in T.unroll(rows):
+                    if base + j < hidden:
+                        out[order[first + t0 + i] // K, base + j] = (
+                            out[order[first + t0 + i] // K, base + j]
+                            + routing[order[first + t0 + i] // K,
+                                      order[first + t0 + i] % K] * sums[i, j])
+
+    return scatter
+
+
 @functools.cache
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
@@ -221,21 +265,8 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
     P = J // 2
-
-    def row_of(base, j):
-        feature = T.min(base + j % P, I - 1)
-        return T.if_then_else(j < P, feature, I + feature)
-
-    @T.macro
-    def swiglu(act, routing, order, sums, first, t0, count, base, tokens):
-        for i in T.unroll(tokens):
-            if t0 + i < count:
-                for j in T.unroll(P):
-                    if base + j < I:
-                        act[first + t0 + i, base + j] = T.Cast(dtype, sums[i, j] / (
-                            T.float32(1) + T.exp(-sums[i, j])) * sums[i, P + j])
-
-    run = expert_rows(I, P, J, lanes, registers, H, row_of, swiglu)
+    run = expert_rows(I, P, J, lanes, registers, H, paired_rows(I, P),
+                      swiglu_store(I, P, dtype))
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
@@ -266,22 +297,8 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
     no races."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
-
-    def row_of(base, j):
-        return T.min(base + j, H - 1)
-
-    @T.macro
-    def scatter(out, routing, order, sums, first, t0, count, base, tokens):
-        for i in T.unroll(tokens):
-            if t0 + i < count:
-                for j in T.unroll(J):
-                    if base + j < H:
-                        out[order[first + t0 + i] // K, base + j] = (
-                            out[order[first + t0 + i] // K, base + j]
-                            + routing[order[first + t0 + i] // K,
-                                      order[first + t0 + i] % K] * sums[i, j])
-
-    run = expert_rows(H, J, J, lanes, registers, I, row_of, scatter)
+    run = expert_rows(H, J, J, lanes, registers, I, lambda base, j: T.min(base + j, H - 1),
+                      scatter_add(H, J, K))
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),

@@ -14,6 +14,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qwen3c.schedules.moe import paired_rows, scatter_add, swiglu_store
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
@@ -24,6 +25,28 @@ from qwen3c.schedules.quant import (
 )
 
 
+def each_expert(num_experts: int, features: int, width: int, rows: int, lanes: int, run):
+    """A TVMScript macro: for each expert with tokens, a parallel task per ``width`` output
+    features running ``run`` (``tiled_row_dots``) over the expert's grouped rows."""
+    E, MT, tasks = num_experts, TILE_TOKENS, (features + width - 1) // width
+
+    @T.macro
+    def each(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order):
+        for e in range(E):
+            if offsets[e + 1] > offsets[e]:
+                for task in T.parallel(tasks):
+                    with T.sblock("rows"):
+                        T.reads()  # independent tasks; nothing schedules this block
+                        T.writes()
+                        acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="local")
+                        sums = T.sblock_alloc_buffer((MT, lanes), "int32", scope="local")
+                        dots = T.sblock_alloc_buffer((MT, rows), "float32", scope="local")
+                        run(q, scale, xa, x_scale, x_offset, e, task * width, offsets[e],
+                            offsets[e + 1] - offsets[e], acc, sums, dots, dst, routing, order)
+
+    return each
+
+
 @functools.cache
 def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                            scheme: QuantScheme, dtype: str, vnni: bool) -> tirx.PrimFunc:
@@ -31,26 +54,12 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     task's rows are P gate rows and the up rows of the same features. The activations are
     quantized in the grouped order, so an expert's tokens are consecutive rows."""
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
-    P, MT = ROWS_PER_TASK // 2, TILE_TOKENS
+    P = ROWS_PER_TASK // 2
     QN, QH = scheme.storage_shape(2 * I, H)
-    LANES = scheme.lanes(H)
-
-    def row_of(base, j):
-        feature = T.min(base + j % P, I - 1)
-        return T.if_then_else(j < P, feature, I + feature)
-
-    @T.macro
-    def swiglu(act, routing, order, dots, first, t0, count, base, tokens):
-        for i in T.unroll(tokens):
-            if t0 + i < count:
-                for j in range(P):
-                    if base + j < I:
-                        act[first + t0 + i, base + j] = T.Cast(
-                            dtype, dots[i, j] / (T.float32(1) + T.exp(-dots[i, j]))
-                            * dots[i, P + j])
-
     quantize = activation_quantizer(scheme, H)
-    run = tiled_row_dots(scheme, H, 2 * P, vnni, row_of, True, swiglu)
+    run = tiled_row_dots(scheme, H, 2 * P, vnni, paired_rows(I, P), True,
+                         swiglu_store(I, P, dtype))
+    experts = each_expert(E, I, P, 2 * P, scheme.lanes(H), run)
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, q: T.Buffer((E, QN, QH), "uint8"),
@@ -68,18 +77,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
             for r in T.parallel(n * T.int64(K)):
                 if r < T.Cast("int64", offsets[E]):
                     quantize(x, order[r] // K, r, xa, x_scale, x_offset)
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    for task in T.parallel((I + P - 1) // P):
-                        with T.sblock("rows"):
-                            T.reads()  # independent tasks; nothing schedules this block
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((MT, 2 * P, LANES), "float32",
-                                                        scope="local")
-                            sums = T.sblock_alloc_buffer((MT, LANES), "int32", scope="local")
-                            dots = T.sblock_alloc_buffer((MT, 2 * P), "float32", scope="local")
-                            run(q, scale, xa, x_scale, x_offset, e, task * P, offsets[e],
-                                offsets[e + 1] - offsets[e], acc, sums, dots, act, None, None)
+            experts(q, scale, xa, x_scale, x_offset, offsets, act, None, None)
 
     return gate_up
 
@@ -91,24 +89,12 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     its output features and a token meets an expert at most once, so no two tasks add to
     the same element."""
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
-    NG, MT = ROWS_PER_TASK, TILE_TOKENS
+    NG = ROWS_PER_TASK
     QN, QI = scheme.storage_shape(H, I)
-    LANES = scheme.lanes(I)
-
-    @T.macro
-    def scatter(out, routing, order, dots, first, t0, count, base, tokens):
-        for i in T.unroll(tokens):
-            if t0 + i < count:
-                for j in range(NG):
-                    if base + j < H:
-                        out[order[first + t0 + i] // K, base + j] = (
-                            out[order[first + t0 + i] // K, base + j]
-                            + routing[order[first + t0 + i] // K,
-                                      order[first + t0 + i] % K] * dots[i, j])
-
     quantize = activation_quantizer(scheme, I)
     run = tiled_row_dots(scheme, I, NG, vnni, lambda base, j: T.min(base + j, H - 1), True,
-                         scatter)
+                         scatter_add(H, NG, K))
+    experts = each_expert(E, H, NG, NG, scheme.lanes(I), run)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, q: T.Buffer((E, QN, QI), "uint8"),
@@ -130,18 +116,6 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
             for r in T.parallel(n * T.int64(K)):
                 if r < T.Cast("int64", offsets[E]):
                     quantize(act, r, r, xa, x_scale, x_offset)
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    for task in T.parallel((H + NG - 1) // NG):
-                        with T.sblock("rows"):
-                            T.reads()  # independent tasks; nothing schedules this block
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((MT, NG, LANES), "float32",
-                                                        scope="local")
-                            sums = T.sblock_alloc_buffer((MT, LANES), "int32", scope="local")
-                            dots = T.sblock_alloc_buffer((MT, NG), "float32", scope="local")
-                            run(q, scale, xa, x_scale, x_offset, e, task * NG, offsets[e],
-                                offsets[e + 1] - offsets[e], acc, sums, dots, out, routing,
-                                order)
+            experts(q, scale, xa, x_scale, x_offset, offsets, out, routing, order)
 
     return down
