@@ -33,7 +33,7 @@ def run_demo(workdir: Path, *, dtype: str = "float32", moe: bool = False,
     model = load(artifact)
     if moe:
         model.enable_router_stats()
-    result = model.generate(PROMPT, max_new_tokens=new_tokens)
+    result = model.generate(PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
     t = result.timings
     echo(f"prompt   {PROMPT!r} ({len(result.prompt_ids)} tokens)")
     echo(f"greedy   {result.text!r}")

@@ -54,6 +54,8 @@ class HFReference:
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation without any stop token."""
+        if max_new_tokens == 0:  # transformers refuses to generate nothing
+            return []
         torch = self._torch
         prompt = self._tensor(ids)
         with torch.inference_mode():

@@ -33,7 +33,8 @@ def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: lis
     engine = engine_label(model.manifest)
 
     def decode_rate() -> float:
-        timings = model.generate(decode_prompt, max_new_tokens=decode_tokens).timings
+        timings = model.generate(decode_prompt, max_new_tokens=decode_tokens,
+                                 ignore_eos=True).timings
         return timings.decode_tokens_per_s
 
     model.generate(decode_prompt, max_new_tokens=4)  # warm-up: first-call allocations

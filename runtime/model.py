@@ -82,19 +82,21 @@ class Model:
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> GenerationResult:
+                 stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
         return self.generate_batch([prompt], max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                   stop=stop)[0]
+                                   stop=stop, ignore_eos=ignore_eos)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       seed: int | None = None,
-                       stop: str | Sequence[str] | None = None) -> list[GenerationResult]:
+                       seed: int | None = None, stop: str | Sequence[str] | None = None,
+                       ignore_eos: bool = False) -> list[GenerationResult]:
         """Generate for several prompts at once: one ragged prefill, then batched decode steps.
 
         Each prompt gets its own random stream (seed + its index), so a result does not depend
-        on which other prompts share the batch.
+        on which other prompts share the batch. ``ignore_eos`` generates on past the model's
+        end-of-sequence tokens (benchmarks and demos: always ``max_new_tokens`` tokens).
         """
         if max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -108,7 +110,7 @@ class Model:
         for start in range(0, len(prompt_ids), size):
             results.extend(self._generate_group(prompt_ids[start:start + size],
                                                 params[start:start + size], max_new_tokens,
-                                                stops))
+                                                stops, ignore_eos))
         return results
 
     def enable_router_stats(self, enabled: bool = True) -> None:
@@ -158,16 +160,18 @@ class Model:
     def new_sequence(self, prompt_ids: list[int], *, max_new_tokens: int,
                      params: SamplingParams = GREEDY, stop: Sequence[str] = (),
                      stop_token_ids: Sequence[int] = (), logprobs: int | None = None,
-                     seq_id: int | None = None) -> SequenceState:
+                     seq_id: int | None = None, ignore_eos: bool = False) -> SequenceState:
         """A request's state; ``seq_id`` names a KV-cache sequence made by the caller (e.g. a
         fork that already holds a prefix), otherwise a fresh one is added."""
         # The first new token needs no cache slot; each later one needs its predecessor's.
         budget = min(max_new_tokens, self.context_length - len(prompt_ids) + 1)
+        eos = frozenset() if ignore_eos else self.eos_token_ids
         return SequenceState(
             seq_id=self.kv_cache.add_sequence() if seq_id is None else seq_id,
             prompt_ids=prompt_ids, max_new_tokens=budget, sampler=Sampler(params),
             decode=self.tokenizer.decode if self.tokenizer else None,
-            stop_strings=list(stop), stop_token_ids=self.eos_token_ids | set(stop_token_ids),
+            stop_strings=list(stop),
+            stop_token_ids=eos | set(stop_token_ids),
             logprobs=logprobs)
 
     def prefill_step(self, seqs: Sequence[SequenceState], *,
@@ -212,12 +216,14 @@ class Model:
     # ---- internals --------------------------------------------------------------------------
 
     def _generate_group(self, prompt_ids: list[list[int]], params: list[SamplingParams],
-                        max_new_tokens: int, stops: list[str]) -> list[GenerationResult]:
+                        max_new_tokens: int, stops: list[str],
+                        ignore_eos: bool) -> list[GenerationResult]:
         seqs: list[SequenceState] = []
         try:
             for ids, sampling in zip(prompt_ids, params, strict=True):
                 seqs.append(self.new_sequence(ids, max_new_tokens=max_new_tokens,
-                                              params=sampling, stop=stops))
+                                              params=sampling, stop=stops,
+                                              ignore_eos=ignore_eos))
             started = time.perf_counter()
             while any(s.prompt_left for s in seqs):
                 for seq, logits in self.prefill_step(seqs):

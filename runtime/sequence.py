@@ -33,7 +33,11 @@ class SequenceState:
     generated: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length"
-    text: str | None = None
+    text: str | None = None  # None only without a tokenizer
+
+    def __post_init__(self) -> None:
+        if self.decode is not None and self.text is None:
+            self.text = ""  # a sequence whose first token is a stop token has empty text
 
     @property
     def prompt_left(self) -> int:

@@ -71,6 +71,18 @@ def test_stop_string_cuts_the_text(tiny_model):
     assert cut.text == free.text[: free.text.find(stop)]
 
 
+def test_end_of_sequence_stops_unless_ignored(tiny_model, monkeypatch):
+    """A first greedy token that is an end-of-sequence token ends generation with no tokens and
+    empty text; ``ignore_eos`` generates past it, the same tokens as when it is not special."""
+    prompt = prompts(tiny_model.vocab_size)[1]
+    plain = tiny_model.generate(prompt, max_new_tokens=6)
+    monkeypatch.setattr(tiny_model, "eos_token_ids", frozenset({plain.token_ids[0]}))
+    stopped = tiny_model.generate(prompt, max_new_tokens=6)
+    assert (stopped.token_ids, stopped.text, stopped.finish_reason) == ([], "", "stop")
+    ignored = tiny_model.generate(prompt, max_new_tokens=6, ignore_eos=True)
+    assert ignored.token_ids == plain.token_ids and ignored.finish_reason == "length"
+
+
 def test_generation_stops_at_the_context_length(make_checkpoint, make_artifact):
     model = qwen3c.load(make_artifact(make_checkpoint("tiny"), context_length=32))
     result = model.generate(list(range(1, 29)), max_new_tokens=50)
