@@ -11,9 +11,12 @@ Grouped row ``r`` (``offsets[e] <= r < offsets[e + 1]``) serves token ``order[r]
 its slot ``order[r] % k``, so each expert's weights are read once per call for all its tokens,
 and experts no token chose are not read at all (decode touches only k experts per layer).
 Within an expert the output features are split in blocks of ``ROWS`` run in parallel: every
-block is owned by one thread, so the scatter-add has no races. All sums are in float32.
+block is owned by one thread, so the scatter-add has no races. A block walks the expert's tokens
+in register tiles (``expert_tile``: tokens x weight rows of vector partial sums, the weight
+vectors converted to float32 once per step for all the tile's tokens). All sums are in float32.
 
-TVM's own MoE kernels bind GPU threads only; these are plain loops for LLVM.
+TVM's own MoE kernels bind GPU threads only. ``moe_quant.py`` runs the same two expert steps
+over quantized weights.
 """
 
 from __future__ import annotations
