@@ -51,14 +51,14 @@ def each_expert(num_experts: int, features: int, width: int, rows: int, lanes: i
 def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                            scheme: QuantScheme, dtype: str, vnni: bool) -> tirx.PrimFunc:
     """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row; a
-    task's rows are P gate rows and the up rows of the same features. The activations are
-    quantized in the grouped order, so an expert's tokens are consecutive rows."""
+    task's rows are P gate rows and the up rows of the same features. Each token's activations
+    are quantized once; grouped row r reads those of token ``order[r] // K``."""
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
     P = ROWS_PER_TASK // 2
     QN, QH = scheme.storage_shape(2 * I, H)
     quantize = activation_quantizer(scheme, H)
     run = tiled_row_dots(scheme, H, 2 * P, vnni, paired_rows(I, P), True,
-                         swiglu_store(I, P, dtype))
+                         swiglu_store(I, P, dtype), lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, 2 * P, scheme.lanes(H), run)
 
     @T.prim_func(private=True, s_tir=True)
@@ -71,13 +71,12 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
         with T.sblock("gate_up"):
-            xa = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H)), "int8")
-            x_scale = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H // G)), "float32")
-            x_offset = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H // G)), "int32")
-            for r in T.parallel(n * T.int64(K)):
-                if r < T.Cast("int64", offsets[E]):
-                    quantize(x, order[r] // K, r, xa, x_scale, x_offset)
-            experts(q, scale, xa, x_scale, x_offset, offsets, act, None, None)
+            xa = T.sblock_alloc_buffer((n, T.int64(H)), "int8")
+            x_scale = T.sblock_alloc_buffer((n, T.int64(H // G)), "float32")
+            x_offset = T.sblock_alloc_buffer((n, T.int64(H // G)), "int32")
+            for t in T.parallel(n):
+                quantize(x, t, t, xa, x_scale, x_offset)
+            experts(q, scale, xa, x_scale, x_offset, offsets, act, None, order)
 
     return gate_up
 

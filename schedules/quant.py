@@ -220,11 +220,16 @@ def activation_quantizer(scheme: QuantScheme, k: int):
     return quantize
 
 
+def same_row(order, r):
+    """The activation row of row ``r`` when activations are quantized in the rows' own order."""
+    return r
+
+
 def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, row_of,
-             experts: bool):
+             experts: bool, activation_row):
     """A TVMScript macro: ``dots[i, j]`` (float32) = weight row ``row_of(base, j)`` (of expert
-    ``e`` when ``experts``: weights [E, N, .]) · quantized activation row ``first + min(t0 + i,
-    last)``, for ``j < rows`` and ``i < tokens``.
+    ``e`` when ``experts``: weights [E, N, .]) · quantized activation row
+    ``activation_row(order, first + min(t0 + i, last))``, for ``j < rows`` and ``i < tokens``.
 
     It walks the rows' blocks: per row and block, one int32 vector of LANES group sums for
     each token (STEPS dot products, two per weight vector for 4 bits: low and high nibbles;
@@ -270,8 +275,11 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
                         "int32", weights(q, e, row, block, step, lane * DOT + d, 1)) * T.Cast(
                         "int32", xa[t, block * B + step * V + lane * DOT + d])
 
+    def token(order, first, t0, i, last):
+        return activation_row(order, first + T.min(t0 + i, last))
+
     @T.macro
-    def dot(q, scale, xa, x_scale, x_offset, e, base, first, t0, last, acc, sums, dots):
+    def dot(q, scale, xa, x_scale, x_offset, order, e, base, first, t0, last, acc, sums, dots):
         for i in T.unroll(tokens):
             for j in T.unroll(rows):
                 for lane in T.vectorized(LANES):
@@ -284,14 +292,14 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
                 for step in T.unroll(STEPS):
                     for i in T.unroll(tokens):
                         add_dot_products(sums, i, q, xa, e, row_of(base, j),
-                                         first + T.min(t0 + i, last), block, step)
+                                         token(order, first, t0, i, last), block, step)
                 for i in T.unroll(tokens):
                     for lane in T.vectorized(LANES):
                         acc[i, j, lane] = acc[i, j, lane] + T.Cast(
                             "float32", sums[i, lane]
-                            - x_offset[first + T.min(t0 + i, last), block * LANES + lane]) * (
+                            - x_offset[token(order, first, t0, i, last), block * LANES + lane]) * (
                             weight_scale(scale, e, row_of(base, j), block * LANES + lane)
-                            * x_scale[first + T.min(t0 + i, last), block * LANES + lane])
+                            * x_scale[token(order, first, t0, i, last), block * LANES + lane])
         for i in T.unroll(tokens):
             for j in range(rows):
                 dots[i, j] = T.float32(0)
@@ -302,26 +310,27 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
 
 
 def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, experts: bool,
-                   epilogue):
-    """A TVMScript macro: ``row_dots`` over the ``count`` activation rows from ``first``, in
-    tiles of TILE_TOKENS (one row at a time when there are fewer, as in decode), each tile's
-    dots handed to ``epilogue(dst, routing, order, dots, first, t0, count, base, tokens)``.
-    Rows past the last of a partial tile repeat it; the epilogue stores only valid ones."""
+                   epilogue, activation_row=same_row):
+    """A TVMScript macro: ``row_dots`` over the ``count`` rows from ``first``, in tiles of
+    TILE_TOKENS (one row at a time when there are fewer, as in decode), each tile's dots
+    handed to ``epilogue(dst, routing, order, dots, first, t0, count, base, tokens)``. Rows
+    past the last of a partial tile repeat it; the epilogue stores only valid ones."""
     MT = TILE_TOKENS
-    tile, single = (row_dots(scheme, k, rows, t, vnni, row_of, experts) for t in (MT, 1))
+    tile, single = (row_dots(scheme, k, rows, t, vnni, row_of, experts, activation_row)
+                    for t in (MT, 1))
 
     @T.macro
     def run(q, scale, xa, x_scale, x_offset, e, base, first, count, acc, sums, dots, dst,
             routing, order):
         if count >= MT:
             for t in range((count + MT - 1) // MT):
-                tile(q, scale, xa, x_scale, x_offset, e, base, first, t * MT, count - 1, acc,
-                     sums, dots)
+                tile(q, scale, xa, x_scale, x_offset, order, e, base, first, t * MT, count - 1,
+                     acc, sums, dots)
                 epilogue(dst, routing, order, dots, first, t * MT, count, base, MT)
         else:
             for t in range(count):
-                single(q, scale, xa, x_scale, x_offset, e, base, first, t, count - 1, acc, sums,
-                       dots)
+                single(q, scale, xa, x_scale, x_offset, order, e, base, first, t, count - 1, acc,
+                       sums, dots)
                 epilogue(dst, routing, order, dots, first, t, count, base, 1)
 
     return run
