@@ -58,7 +58,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     QN, QH = scheme.storage_shape(2 * I, H)
     quantize = activation_quantizer(scheme, H)
     run = tiled_row_dots(scheme, H, 2 * P, vnni, paired_rows(I, P), True,
-                         swiglu_store(I, P, dtype), lambda order, r: order[r] // K)
+                         swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, 2 * P, scheme.lanes(H), run)
 
     @T.prim_func(private=True, s_tir=True)
@@ -92,7 +92,7 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     QN, QI = scheme.storage_shape(H, I)
     quantize = activation_quantizer(scheme, I)
     run = tiled_row_dots(scheme, I, NG, vnni, lambda base, j: T.min(base + j, H - 1), True,
-                         scatter_add(H, NG, K))
+                         scatter_add(H, NG, K), NG)
     experts = each_expert(E, H, NG, NG, scheme.lanes(I), run)
 
     @T.prim_func(private=True, s_tir=True)
