@@ -46,6 +46,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from qwen3c.schedules.cpu_gemm import CACHE_LINE, prefetch_to_l2
+
 SCALE_DTYPE = "bfloat16"
 INT4_SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below the exact-extreme one
 ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows streamed from
@@ -53,9 +55,6 @@ ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows
 #                   tokens 1.15x faster than 8)
 MAX_LANES = 16  # groups per block, at most: one int32 lane of the dot products each
 DOT = 4  # products per lane of one dot product
-PREFETCH_LOCALITY = 2  # llvm.prefetch's locality for the weights ahead: 2 = into L2 (x86
-#                       prefetcht1; 3 measured the same, 0, non-temporal, 1.6x slower)
-CACHE_LINE = 64
 TILE_TOKENS = 2  # tokens sharing each weight vector (6144x1024 at 128 tokens, 2 threads:
 #                 q4 5.1 -> 3.7 ms, q8 4.4 -> 3.6 against 1; 3 or 4 measured slower than 2)
 
@@ -271,10 +270,7 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
         row = T.min(row_of(base + ahead, j), q.shape[-2] - 1)
         for line in T.unroll(max(1, BLOCK_BYTES // CACHE_LINE)):
             byte = block * BLOCK_BYTES + line * CACHE_LINE
-            T.evaluate(T.call_llvm_intrin(
-                "void", "llvm.prefetch.p0",
-                T.address_of(q[e, row, byte] if experts else q[row, byte]),
-                T.int32(0), T.int32(PREFETCH_LOCALITY), T.int32(1)))
+            T.evaluate(prefetch_to_l2(T.address_of(q[e, row, byte] if experts else q[row, byte])))
 
     def weight_scale(scale, e, row, group):
         return T.Cast("float32", scale[e, row, group] if experts else scale[row, group])
