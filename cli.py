@@ -9,6 +9,7 @@ import math
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +346,10 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
               help="Comma-separated prompt lengths for prefill.")
 @click.option("--decode-tokens", type=int, default=64, show_default=True)
 @click.option("--runs", type=int, default=3, show_default=True, help="Median of this many.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --vs-llama-cpp: alternate the artifact and llama.cpp this many "
+                   "times (each --runs), each figure the median of its rounds, so that a "
+                   "machine whose speed drifts weighs on both alike.")
 @threads_option
 @devices_option
 @click.option("--vs-hf", "hf_dir", type=click.Path(path_type=Path), default=None,
@@ -360,7 +365,7 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG here: prefill tok/s against prompt length, decode tok/s.")
 def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
-                  threads: int | None, devices: str | None, hf_dir: Path | None,
+                  rounds: int, threads: int | None, devices: str | None, hf_dir: Path | None,
                   other: Path | None, llama_bench: Path | None, gguf: Path | None,
                   json_path: Path | None, plot_path: Path | None) -> None:
     """Decode and prefill tokens/s, time to first token and peak memory of ARTIFACT, optionally
@@ -391,18 +396,29 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
             rows.append(bench.peak_memory_row(rows[0].engine, model.executor.worker_pids()))
         return rows
 
-    def measured(path: Path, **options) -> tuple[list, Any]:
+    def llama_cpp(threads_used: int) -> list:
+        return bench_llama_cpp(llama_bench, gguf, threads_used, lengths, decode_tokens, runs)
+
+    def measured(path: Path, partner: Callable[[int], list] | None = None,
+                 **options) -> tuple[list, list, Any]:
         """Rows and manifest of one artifact, its memory released before the next engine
-        loads (each engine's peak memory is its own)."""
+        loads (each engine's peak memory is its own); with a ``partner`` engine (llama.cpp,
+        in its own processes), the two take turns for ``rounds`` rounds."""
         with qwen3c.load(path, threads=threads, **options) as model:
-            return timed(model), (model.manifest, model.vocab_size, model.threads)
+            own, partners = [], []
+            for _ in range(rounds if partner else 1):
+                own.append(timed(model))
+                partners.append(partner(model.threads) if partner else [])
+            return (bench.median_of_rounds(own), bench.median_of_rounds(partners),
+                    (model.manifest, model.vocab_size, model.threads))
 
     other_rows = []
     if other is not None:  # first: a sharded artifact would resize this process's threads
         other_rows = measured(other)[0]
         gc.collect()
         bench.reset_peak_memory()
-    rows, (manifest, vocab_size, threads_used) = measured(artifact, devices=devices)
+    rows, llama_rows, (manifest, vocab_size, threads_used) = measured(
+        artifact, llama_cpp if llama_bench is not None else None, devices=devices)
     gc.collect()
     if other_rows and other_rows[0].engine == rows[0].engine:  # same kind: name it by path
         other_rows = [dataclasses.replace(r, engine=f"{r.engine}:{other.name}")
@@ -415,15 +431,15 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
                                decode_tokens, runs, get_target(manifest.target.name).device_kind)
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
-    if llama_bench is not None:
-        rows += bench_llama_cpp(llama_bench, gguf, threads_used, lengths, decode_tokens, runs)
+    rows += llama_rows
     click.echo(f"{artifact}: {manifest.dtype}, {threads_used or 'device'} threads, "
-               f"median of {runs}")
+               f"median of {runs}" + (f", median of {rounds} rounds with llama.cpp"
+                                      if llama_rows and rounds > 1 else ""))
     click.echo(bench.format_table(rows))
     if json_path is not None:
         bench.write_json(json_path, rows, {"artifact": str(artifact), "threads": threads_used,
                                            "dtype": manifest.dtype, "runs": runs,
-                                           "decode_tokens": decode_tokens})
+                                           "rounds": rounds, "decode_tokens": decode_tokens})
     if plot_path is not None:
         from qwen3c.runtime.bench_plot import plot_rows
 

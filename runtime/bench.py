@@ -49,6 +49,17 @@ def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: lis
     return rows
 
 
+def median_of_rounds(rounds: list[list[BenchRow]]) -> list[BenchRow]:
+    """The first round's rows, each value the median of that row over all rounds (no rows
+    for no rounds)."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for rows in rounds:
+        for row in rows:
+            values.setdefault((row.engine, row.metric), []).append(row.value)
+    return [dataclasses.replace(row, value=statistics.median(values[row.engine, row.metric]))
+            for row in (rounds[0] if rounds else [])]
+
+
 def reset_peak_memory() -> bool:
     """Restart this process's peak-RSS count (Linux: ``/proc/self/clear_refs``), so the next
     engine's peak is its own; False where that is not possible."""

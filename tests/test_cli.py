@@ -126,6 +126,42 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
     assert struct.unpack(">II", png[16:24]) == (1000, 400)  # width, height: 10x4 in at 100 dpi
 
 
+FAKE_LLAMA_BENCH = """#!{python}
+# Stands in for llama-bench: prints its JSON lines with set figures (round r's decode rate is
+# RATES[r], prefill 10x that) and logs each call, to test how `qwen3c bench` drives it.
+import json, pathlib, sys
+RATES = [10.0, 30.0, 20.0]
+log = pathlib.Path(sys.argv[0] + ".calls")
+calls = log.read_text().splitlines() if log.exists() else []
+log.write_text("\\n".join([*calls, " ".join(sys.argv[1:])]) + "\\n")
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+rate = RATES[len(calls) // 2]  # each round: a decode call, then a prefill call
+if args["-p"] == "0":
+    print(json.dumps({{"n_prompt": 0, "samples_ts": [rate]}}))
+else:
+    for n in args["-p"].split(","):
+        print(json.dumps({{"n_prompt": int(n), "samples_ts": [rate * 10]}}))
+"""
+
+
+def test_bench_alternates_rounds_with_llama_cpp(make_artifact, tiny_checkpoint, tmp_path):
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    out = tmp_path / "bench.json"
+    shown = invoke("bench", make_artifact(tiny_checkpoint), "--prompt-lengths", "4,8",
+                   "--decode-tokens", "2", "--runs", "1", "--rounds", "3",
+                   "--vs-llama-cpp", fake, "--gguf", tmp_path / "m.gguf", "--json", out).output
+    assert "median of 3 rounds with llama.cpp" in shown and "qwen3c/llama.cpp" in shown
+    calls = (tmp_path / "llama-bench.calls").read_text().splitlines()
+    assert len(calls) == 6 and all("-r 1" in call for call in calls)
+    value = {(r["engine"], r["metric"]): r["value"] for r in json.loads(out.read_text())["rows"]}
+    assert value["llama.cpp", "decode"] == 20.0  # the median of the rounds' 10, 30, 20
+    assert value["llama.cpp", "prefill-8"] == 200.0
+    assert value["qwen3c", "decode"] > 0 and value["qwen3c", "peak-rss"] > 0
+
+
 def test_bench_vs_llama_cpp_refuses_missing_inputs(make_artifact, tiny_checkpoint, tmp_path):
     artifact = make_artifact(tiny_checkpoint)
     alone = CliRunner().invoke(main, ["bench", str(artifact), "--vs-llama-cpp", "llama-bench"])
