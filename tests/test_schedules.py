@@ -57,7 +57,7 @@ def test_projection_matches_numpy(dtype, tolerance, k, n, kernel):
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(n, k)).astype(np_dtype)
-    for m in (1, 3, 4, 5, 17):  # the decode path below 4 tokens, full and partial tiles above
+    for m in (1, 3, 4, 5, 17, 70):  # decode below a tile; dot tiles; panels from 64 tokens
         x = rng.normal(size=(m, k)).astype(np_dtype)
         residual = rng.normal(size=(m, n)).astype(np_dtype)
         out = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(residual),
@@ -82,7 +82,7 @@ def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
         "global_symbol", "gemm"), target="llvm")
     rng = np.random.default_rng(lanes)
     weight = rng.normal(size=(n, k)).astype(np.float32)
-    for m in (1, 6, 17):  # the decode path, full and partial prefill tiles
+    for m in (1, 6, 17, 70):  # decode, dot tiles (full and partial), panels (partial tile)
         x = rng.normal(size=(m, k)).astype(np.float32)
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
