@@ -157,7 +157,7 @@ def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) ->
                             acc[lane] = T.float32(0)
                         for line in range(KG // per_line):
                             T.evaluate(prefetch_to_l2(T.address_of(
-                                w[T.min(nb * NG + j + NG, N - 1), line * per_line * GEMV_LANES])))
+                                w[T.min(nb * NG + j + NG, N - 1), column(line, 0)])))
                             for step in T.unroll(per_line):
                                 for lane in T.vectorized(GEMV_LANES):
                                     acc[lane] = acc[lane] + T.Cast(

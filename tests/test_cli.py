@@ -128,12 +128,14 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
 
 FAKE_LLAMA_BENCH = """#!{python}
 # Stands in for llama-bench: prints its JSON lines with set figures (round r's decode rate is
-# RATES[r], prefill 10x that) and logs each call, to test how `qwen3c bench` drives it.
+# RATES[r], prefill 10x that) and logs each call (the test logs qwen3c's passes there too),
+# to test how `qwen3c bench` drives it.
 import json, pathlib, sys
 RATES = [10.0, 30.0, 20.0]
 log = pathlib.Path(sys.argv[0] + ".calls")
-calls = log.read_text().splitlines() if log.exists() else []
-log.write_text("\\n".join([*calls, " ".join(sys.argv[1:])]) + "\\n")
+calls = [c for c in log.read_text().splitlines() if c != "qwen3c"] if log.exists() else []
+with log.open("a") as out:
+    out.write(" ".join(sys.argv[1:]) + "\\n")
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 rate = RATES[len(calls) // 2]  # each round: a decode call, then a prefill call
 if args["-p"] == "0":
@@ -144,8 +146,20 @@ else:
 """
 
 
-def test_bench_alternates_rounds_with_llama_cpp(make_artifact, tiny_checkpoint, tmp_path):
+def test_bench_alternates_rounds_with_llama_cpp(make_artifact, tiny_checkpoint, tmp_path,
+                                                monkeypatch):
+    from qwen3c.runtime import bench
+
     fake = tmp_path / "llama-bench"
+    log = tmp_path / "llama-bench.calls"
+    timed = bench.bench_qwen3c
+
+    def logged(*args, **kwargs):  # qwen3c's passes go into the same log as llama-bench's calls
+        with log.open("a") as calls:
+            calls.write("qwen3c\n")
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_qwen3c", logged)
     fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
     fake.chmod(0o755)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -154,7 +168,9 @@ def test_bench_alternates_rounds_with_llama_cpp(make_artifact, tiny_checkpoint, 
                    "--decode-tokens", "2", "--runs", "1", "--rounds", "3",
                    "--vs-llama-cpp", fake, "--gguf", tmp_path / "m.gguf", "--json", out).output
     assert "median of 3 rounds with llama.cpp" in shown and "qwen3c/llama.cpp" in shown
-    calls = (tmp_path / "llama-bench.calls").read_text().splitlines()
+    turns = log.read_text().splitlines()
+    assert [turn == "qwen3c" for turn in turns] == [True, False, False] * 3  # they take turns
+    calls = [turn for turn in turns if turn != "qwen3c"]
     assert len(calls) == 6 and all("-r 1" in call for call in calls)
     value = {(r["engine"], r["metric"]): r["value"] for r in json.loads(out.read_text())["rows"]}
     assert value["llama.cpp", "decode"] == 20.0  # the median of the rounds' 10, 30, 20
