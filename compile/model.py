@@ -39,7 +39,7 @@ from tvm.target import Target
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
-from qwen3c.schedules import moe, moe_gpu, moe_quant, quant, vector_unit
+from qwen3c.schedules import bf16_dot, moe, moe_gpu, moe_quant, quant, vector_unit
 from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.schedules.rope import split_rotary
@@ -317,11 +317,12 @@ class Qwen3MoeExperts(nn.Module):
                 [act, self.down_proj, self.down_proj_scale, offsets, order, weights],
                 Tensor.placeholder((n, H), ACCUMULATE))
         vectors = vector_unit(Target.current())
+        bf16 = bf16_dot.usable(Target.current(), self.dtype, H, I)
         act = op.tensor_ir_op(
-            moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors), "moe_gate_up_silu",
+            moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors, bf16), "moe_gate_up_silu",
             [x, self.gate_up_proj, offsets, order], Tensor.placeholder((n * k, I), self.dtype))
         return op.tensor_ir_op(
-            moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors), "moe_down_scatter",
+            moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors, bf16), "moe_down_scatter",
             [act, self.down_proj, offsets, order, weights],
             Tensor.placeholder((n, H), ACCUMULATE))
 

@@ -31,7 +31,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import moe
+from qwen3c.schedules import bf16_dot, moe
+from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 
 GEMV_LANES = 16  # partial sums per decoded row (a multiple of every machine vector width)
 PANEL_VECTORS = 4  # machine vectors of weight rows per prefill panel
@@ -39,16 +40,6 @@ COLS_PER_GEMV = 8  # weight rows per decode task step, and per dot-tile task
 PANEL_MIN_TOKENS = 64  # fewer tokens: dot-product tiles instead of panels (bf16, 2 threads,
 #                        dot / panel speed: 32 tokens 1.31-1.83x, 64 1.03-1.32x, 128 0.82-0.95x)
 OUT_DTYPE = "float32"
-CACHE_LINE = 64  # bytes
-PREFETCH_LOCALITY = 2  # llvm.prefetch's locality: 2 = into L2 (x86 prefetcht1; 3 measured the
-#                       same, 0 (non-temporal) 1.6x slower than none)
-
-
-def prefetch_to_l2(address: tirx.PrimExpr) -> tirx.PrimExpr:
-    """A read prefetch of the cache line at ``address`` (``T.address_of``) into L2; a hint
-    only, so an address past the data is harmless, but the kernels clamp theirs anyway."""
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0),
-                              T.int32(PREFETCH_LOCALITY), T.int32(1))
 
 
 def fits(n: int, k: int) -> bool:
@@ -78,12 +69,11 @@ def vector_unit(target: tvm.target.Target) -> tuple[int, int]:
     return 4, 16  # SSE
 
 
-def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
-    """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m; ``lanes`` is the float32
-    width of one machine vector (it must divide 16), ``registers`` how many there are."""
-    assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
-    N, K, NG = n, k, COLS_PER_GEMV
-    NB, MT, KG = panel_rows(n, lanes), tile_tokens(registers), K // GEMV_LANES
+def gemv(n: int, k: int, dtype: str):
+    """A TVMScript macro: y[t] = W · x[t] for the m tokens of a decode step, row by row, each
+    row read start to end into GEMV_LANES float32 partial sums while prefetching the same cache
+    line of the row one task (COLS_PER_GEMV rows) further on."""
+    N, NG, KG = n, COLS_PER_GEMV, k // GEMV_LANES
     # steps of GEMV_LANES weights per cache line: one prefetch each (every step if uneven)
     per_line = max(1, CACHE_LINE // (GEMV_LANES * tvm.DataType(dtype).bits // 8))
     per_line = per_line if KG % per_line == 0 else 1
@@ -91,9 +81,52 @@ def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) ->
     def column(line, step):
         return (line * per_line + step) * GEMV_LANES
 
+    @T.macro
+    def run(x, w, y, m):
+        for nb in T.parallel(N // NG):
+            for t, j in T.grid(m, NG):
+                with T.sblock("gemv_row"):
+                    acc = T.sblock_alloc_buffer((GEMV_LANES,), OUT_DTYPE, scope="local")
+                    for lane in T.vectorized(GEMV_LANES):
+                        acc[lane] = T.float32(0)
+                    for line in range(KG // per_line):
+                        T.evaluate(prefetch_to_l2(T.address_of(
+                            w[T.min(nb * NG + j + NG, N - 1), column(line, 0)])))
+                        for step in T.unroll(per_line):
+                            for lane in T.vectorized(GEMV_LANES):
+                                acc[lane] = acc[lane] + T.Cast(
+                                    OUT_DTYPE, x[t, column(line, step) + lane]) * T.Cast(
+                                    OUT_DTYPE, w[nb * NG + j, column(line, step) + lane])
+                    y[t, nb * NG + j] = T.float32(0)
+                    for lane in range(GEMV_LANES):
+                        y[t, nb * NG + j] = y[t, nb * NG + j] + acc[lane]
+
+    return run
+
+
+def store_tile(rows: int):
+    """A TVMScript macro: y[t0 + i, base + j] = sums[i, j] for the tile's tokens below m."""
+    @T.macro
+    def store(y, sums, t0, tokens, m, base):
+        for i in T.unroll(tokens):
+            if t0 + i < m:
+                for j in T.unroll(rows):
+                    y[t0 + i, base + j] = sums[i, j]
+
+    return store
+
+
+def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
+    """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m; ``lanes`` is the float32
+    width of one machine vector (it must divide 16), ``registers`` how many there are."""
+    assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
+    N, K, NG = n, k, COLS_PER_GEMV
+    NB, MT = panel_rows(n, lanes), tile_tokens(registers)
     DJ = moe.tile_rows(registers)
     DMT = moe.tile_tokens(registers, DJ)
     dot_tile = moe.expert_tile(DMT, DJ, lanes, K, lambda base, j: base + j)
+    store = store_tile(DJ)
+    decode = gemv(n, k, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def gemm(var_x: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
@@ -141,40 +174,64 @@ def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) ->
                             sums = T.sblock_alloc_buffer((DMT, DJ), OUT_DTYPE, scope="local")
                             for mb in range((m + DMT - 1) // DMT):
                                 for g in range(NG // DJ):
-                                    dot_tile(xf, w_rows, 0, 0, mb * DMT, m - 1,
+                                    dot_tile(xf, w_rows, 0, None, 0, mb * DMT, m - 1,
                                              task * NG + g * DJ, sums, acc, wv)
-                                    for i in T.unroll(DMT):
-                                        if mb * DMT + i < m:
-                                            for j in T.unroll(DJ):
-                                                y[mb * DMT + i, task * NG + g * DJ + j] = sums[
-                                                    i, j]
+                                    store(y, sums, mb * DMT, DMT, m, task * NG + g * DJ)
         else:
-            for nb in T.parallel(N // NG):
-                for t, j in T.grid(m, NG):
-                    with T.sblock("gemv_row"):
-                        acc = T.sblock_alloc_buffer((GEMV_LANES,), OUT_DTYPE, scope="local")
-                        for lane in T.vectorized(GEMV_LANES):
-                            acc[lane] = T.float32(0)
-                        for line in range(KG // per_line):
-                            T.evaluate(prefetch_to_l2(T.address_of(
-                                w[T.min(nb * NG + j + NG, N - 1), column(line, 0)])))
-                            for step in T.unroll(per_line):
-                                for lane in T.vectorized(GEMV_LANES):
-                                    acc[lane] = acc[lane] + T.Cast(
-                                        OUT_DTYPE, x[t, column(line, step) + lane]) * T.Cast(
-                                        OUT_DTYPE, w[nb * NG + j, column(line, step) + lane])
-                        y[t, nb * NG + j] = T.float32(0)
-                        for lane in range(GEMV_LANES):
-                            y[t, nb * NG + j] = y[t, nb * NG + j] + acc[lane]
+            decode(x, w, y, m)
+
+    return gemm
+
+
+def bf16_nt_gemm(n: int, k: int) -> tirx.PrimFunc:
+    """``nt_gemm`` for bfloat16 on AVX512-BF16 (``bf16_dot.usable``): prefills of any length
+    run dot-product tiles of 6 tokens x 4 weight rows (no panels: there is no conversion left
+    to amortise); decode keeps the float32 GEMV, which already streams at the memory's speed
+    (the 1 x 4 dot-product tile, four row streams at once, was slower from memory)."""
+    N, K, NG = n, k, COLS_PER_GEMV
+    J = moe.tile_rows(32)
+    MT = moe.tile_tokens(32, J)
+    W = K // bf16_dot.PAIRS
+    tile = bf16_dot.tile(MT, J, K, moe.same_row, lambda base, j: base + j)
+    store = store_tile(J)
+    decode = gemv(n, k, "bfloat16")
+
+    @T.prim_func(private=True, s_tir=True)
+    def gemm(var_x: T.handle, w: T.Buffer((N, K), "bfloat16"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
+        y = T.match_buffer(var_y, (m, T.int64(N)), OUT_DTYPE)
+        if m >= MT:
+            with T.sblock("prefill"):
+                x_words = T.decl_buffer((m, T.int64(W)), bf16_dot.WORD, data=x.data)
+                w_words = T.decl_buffer((1, N, W), bf16_dot.WORD, data=w.data)  # one expert's
+                for task in T.parallel(N // NG, annotations=bf16_dot.IMPORT):
+                    with T.sblock("dot_tiles"):
+                        T.reads()  # independent tasks; nothing schedules this block
+                        T.writes()
+                        acc = T.sblock_alloc_buffer((MT, J, bf16_dot.LANES), OUT_DTYPE,
+                                                    scope="local")
+                        wv = T.sblock_alloc_buffer((J, bf16_dot.LANES), bf16_dot.WORD,
+                                                   scope="local")
+                        sums = T.sblock_alloc_buffer((MT, J), OUT_DTYPE, scope="local")
+                        for mb in range((m + MT - 1) // MT):
+                            for g in range(NG // J):
+                                tile(x_words, w_words, 0, None, 0, mb * MT, m - 1,
+                                     task * NG + g * J, sums, acc, wv)
+                                store(y, sums, mb * MT, MT, m, task * NG + g * J)
+        else:
+            decode(x, w, y, m)
 
     return gemm
 
 
 @relax.expr_functor.mutator
 class _GemmDispatcher(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int, registers: int):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
-        self.lanes, self.registers = lanes, registers
+        self.target = target
+        self.lanes, self.registers = vector_unit(target)
         self.kernels: dict[tuple[int, int, str], tvm.ir.GlobalVar] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -188,7 +245,8 @@ class _GemmDispatcher(relax.PyExprMutator):
             return call
         key = (n, k, dtype)
         if key not in self.kernels:
-            kernel = nt_gemm(n, k, dtype, self.lanes, self.registers)
+            kernel = (bf16_nt_gemm(n, k) if bf16_dot.usable(self.target, dtype, k)
+                      else nt_gemm(n, k, dtype, self.lanes, self.registers))
             self.kernels[key] = self.builder_.add_func(kernel, f"nt_gemm_{n}x{k}_{dtype}")
         lead = list(x.ty.shape)[:-1]
         tokens = lead[0]
@@ -223,13 +281,13 @@ def _is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
             and isinstance(call.args[0].ty, relax.TensorType) and call.args[0].ty.ndim >= 2)
 
 
-def dispatch_cpu_gemm(lanes: int, registers: int) -> tvm.transform.Pass:
-    """The pass that routes fitting projections to ``nt_gemm`` tiled for ``registers``
-    vector registers of ``lanes`` float32 each."""
+def dispatch_cpu_gemm(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The pass that routes fitting projections to ``bf16_nt_gemm`` where the target has
+    AVX512-BF16, else to ``nt_gemm`` tiled for its vector registers."""
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchCPUGemm")
     def dispatch(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        dispatcher = _GemmDispatcher(mod, lanes, registers)
+        dispatcher = _GemmDispatcher(mod, target)
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 dispatcher.builder_.update_func(gvar, dispatcher.visit_expr(func))

@@ -26,6 +26,8 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qwen3c.schedules import bf16_dot
+
 ROWS = 16
 
 
@@ -123,9 +125,15 @@ def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
     return group
 
 
-def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of):
-    """A TVMScript macro: ``sums[i, j]`` = the float32 row ``first + min(t0 + i, last)`` of
-    ``xf`` · weight row ``row_of(base, j)`` of expert ``e``, for a tile of ``tokens`` x ``rows``.
+def same_row(order, r):
+    """``token_row`` of activations already in the grouped rows' order."""
+    return r
+
+
+def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of, token_row=same_row):
+    """A TVMScript macro: ``sums[i, j]`` = the float32 row ``token_row(order, first + min(t0 + i,
+    last))`` of ``xf`` · weight row ``row_of(base, j)`` of expert ``e``, for a tile of ``tokens``
+    x ``rows``.
 
     The tile's sums stay in ``tokens * rows`` vector registers of ``lanes`` partial sums along
     the depth; each step loads the ``rows`` weight vectors once (converted to float32 once) and
@@ -133,7 +141,7 @@ def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of):
     steps, tail = depth // lanes, depth % lanes
 
     @T.macro
-    def tile(xf, weight, e, first, t0, last, base, sums, acc, wv):
+    def tile(xf, weight, e, order, first, t0, last, base, sums, acc, wv):
         for i in T.unroll(tokens):
             for j in T.unroll(rows):
                 for lane in T.vectorized(lanes):
@@ -146,16 +154,16 @@ def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of):
             for i in T.unroll(tokens):
                 for j in T.unroll(rows):
                     for lane in T.vectorized(lanes):
-                        acc[i, j, lane] = acc[i, j, lane] + xf[
-                            first + T.min(t0 + i, last), step * lanes + lane] * wv[j, lane]
+                        acc[i, j, lane] = acc[i, j, lane] + xf[token_row(
+                            order, first + T.min(t0 + i, last)), step * lanes + lane] * wv[j, lane]
         for i in T.unroll(tokens):
             for j in T.unroll(rows):
                 sums[i, j] = T.float32(0)
                 for lane in range(lanes):
                     sums[i, j] = sums[i, j] + acc[i, j, lane]
                 for d in range(tail):
-                    sums[i, j] = sums[i, j] + xf[
-                        first + T.min(t0 + i, last), steps * lanes + d] * T.Cast(
+                    sums[i, j] = sums[i, j] + xf[token_row(
+                        order, first + T.min(t0 + i, last)), steps * lanes + d] * T.Cast(
                         "float32", weight[e, row_of(base, j), steps * lanes + d])
 
     return tile
@@ -173,19 +181,26 @@ def tile_tokens(registers: int, rows: int) -> int:
 
 
 def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int, depth: int,
-                row_of, epilogue):
-    """A TVMScript macro running expert ``e`` over its grouped rows of ``xf``: ``features``
-    output features in units of ``width`` (weight rows ``row_of(base, j)``, ``j < rows``), a
-    parallel task per ROWS features. Each unit walks the expert's tokens in tiles (one token at
-    a time when there are fewer than a tile, as in decode) and hands each tile's sums to
-    ``epilogue(dst, routing, order, sums, first, t0, count, base, tokens)``."""
+                row_of, epilogue, bf16: bool = False, token_row=same_row):
+    """A TVMScript macro running expert ``e`` over its grouped rows of ``x`` (activation rows
+    ``token_row(order, r)``): ``features`` output features in units of ``width`` (weight rows
+    ``row_of(base, j)``, ``j < rows``), a parallel task per ROWS features. Each unit walks the
+    expert's tokens in tiles (one token at a time when there are fewer than a tile, as in
+    decode) and hands each tile's sums to ``epilogue(dst, routing, order, sums, first, t0,
+    count, base, tokens)``. ``bf16``: ``x`` and ``weight`` are int32 views of bfloat16 read by
+    ``bf16_dot.tile``; else ``x`` is float32 and ``weight`` any float dtype."""
     MT = tile_tokens(registers, rows)
-    tile, single = (expert_tile(t, rows, lanes, depth, row_of) for t in (MT, 1))
+    if bf16:
+        tile, single = (bf16_dot.tile(t, rows, depth, token_row, row_of) for t in (MT, 1))
+        vector = bf16_dot.WORD
+    else:
+        tile, single = (expert_tile(t, rows, lanes, depth, row_of, token_row) for t in (MT, 1))
+        vector = "float32"
     units = (features + width - 1) // width
     per_task = max(1, ROWS // width)
 
     @T.macro
-    def run(xf, weight, offsets, e, dst, routing, order):
+    def run(x, weight, offsets, e, dst, routing, order):
         first = offsets[e]
         count = offsets[e + 1] - offsets[e]
         for task in T.parallel((units + per_task - 1) // per_task):
@@ -193,21 +208,21 @@ def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int
                 T.reads()  # independent tasks; nothing schedules this block
                 T.writes()
                 acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="local")
-                wv = T.sblock_alloc_buffer((rows, lanes), "float32", scope="local")
+                wv = T.sblock_alloc_buffer((rows, lanes), vector, scope="local")
                 sums = T.sblock_alloc_buffer((MT, rows), "float32", scope="local")
                 for u in range(per_task):
                     if task * per_task + u < units:
                         base = (task * per_task + u) * width
                         if count >= MT:
                             for t in range((count + MT - 1) // MT):
-                                tile(xf, weight, e, first, t * MT, count - 1, base, sums, acc,
-                                     wv)
+                                tile(x, weight, e, order, first, t * MT, count - 1, base, sums,
+                                     acc, wv)
                                 epilogue(dst, routing, order, sums, first, t * MT, count,
                                          base, MT)
                         else:
                             for t in range(count):
-                                single(xf, weight, e, first, t, count - 1, base, sums, acc,
-                                       wv)
+                                single(x, weight, e, order, first, t, count - 1, base, sums,
+                                       acc, wv)
                                 epilogue(dst, routing, order, sums, first, t, count, base, 1)
 
     return run
@@ -257,19 +272,31 @@ def scatter_add(hidden: int, rows: int, top_k: int):
     return scatter
 
 
+def gathered_token(top_k: int):
+    """``token_row`` of grouped row ``r`` in the tokens' own activations."""
+    def token_row(order, r):
+        return order[r] // top_k
+
+    return token_row
+
+
 @functools.cache
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                     dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
+                     dtype: str, lanes: int = 16, registers: int = 32,
+                     bf16: bool = False) -> tirx.PrimFunc:
     """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row.
 
     A unit's weight rows are ``P`` gate rows and the up rows of the same features, so SwiGLU
-    is applied straight to the tile's sums. The rows of x are gathered in the grouped order and
-    converted to float32 once per call."""
+    is applied straight to the tile's sums. The float kernel gathers the rows of x in the
+    grouped order, converted to float32, once per call; with ``bf16`` (bfloat16 on
+    AVX512-BF16, ``bf16_dot``) the tiles read each token's row where it is."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
     P = J // 2
     run = expert_rows(I, P, J, lanes, registers, H, paired_rows(I, P),
-                      swiglu_store(I, P, dtype))
+                      swiglu_store(I, P, dtype), bf16,
+                      gathered_token(K) if bf16 else same_row)  # xf is gathered already
+    W = H // bf16_dot.PAIRS
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
@@ -279,29 +306,43 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
         x = T.match_buffer(var_x, (n, T.int64(H)), dtype)
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
-        with T.sblock("gate_up"):
-            xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H)), "float32")
-            for r in T.parallel(n * T.int64(K)):
-                if r < T.Cast("int64", offsets[E]):
-                    for h in T.vectorized(H):
-                        xf[r, h] = T.Cast("float32", x[order[r] // K, h])
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    run(xf, weight, offsets, e, act, None, order)
+        if bf16:
+            with T.sblock("gate_up"):
+                T.reads()  # runs once; nothing schedules this block
+                T.writes()
+                x_words = T.decl_buffer((n, T.int64(W)), bf16_dot.WORD, data=x.data)
+                w_words = T.decl_buffer((E, 2 * I, W), bf16_dot.WORD, data=weight.data)
+                for e in T.serial(E, annotations=bf16_dot.IMPORT):
+                    if offsets[e + 1] > offsets[e]:
+                        run(x_words, w_words, offsets, e, act, None, order)
+        else:
+            with T.sblock("gate_up"):
+                T.reads()  # runs once; nothing schedules this block
+                T.writes()
+                xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H)), "float32")
+                for r in T.parallel(n * T.int64(K)):
+                    if r < T.Cast("int64", offsets[E]):
+                        for h in T.vectorized(H):
+                            xf[r, h] = T.Cast("float32", x[order[r] // K, h])
+                for e in range(E):
+                    if offsets[e + 1] > offsets[e]:
+                        run(xf, weight, offsets, e, act, None, order)
 
     return gate_up
 
 
 @functools.cache
 def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                     dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
+                     dtype: str, lanes: int = 16, registers: int = 32,
+                     bf16: bool = False) -> tirx.PrimFunc:
     """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32. Each task
     owns its output features and a token meets an expert at most once, so the scatter-add has
-    no races."""
+    no races. ``bf16`` as in ``moe_gate_up_silu`` (act is already in the grouped order)."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
     run = expert_rows(H, J, J, lanes, registers, I, lambda base, j: T.min(base + j, H - 1),
-                      scatter_add(H, J, K))
+                      scatter_add(H, J, K), bf16)
+    W = I // bf16_dot.PAIRS
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),
@@ -313,18 +354,31 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
         out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
-        with T.sblock("down"):
-            xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I)), "float32")
-            for t in T.parallel(n):
-                for h in T.vectorized(H):
-                    out[t, h] = T.float32(0)
-            for r in T.parallel(n * T.int64(K)):
-                if r < T.Cast("int64", offsets[E]):
-                    for i in T.vectorized(I):
-                        xf[r, i] = T.Cast("float32", act[r, i])
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    run(xf, weight, offsets, e, out, routing, order)
+        for t in T.parallel(n):
+            for h in T.vectorized(H):
+                out[t, h] = T.float32(0)
+        if bf16:
+            with T.sblock("down"):
+                T.reads()  # runs once; nothing schedules this block
+                T.writes()
+                act_words = T.decl_buffer((n * T.int64(K), T.int64(W)), bf16_dot.WORD,
+                                          data=act.data)
+                w_words = T.decl_buffer((E, H, W), bf16_dot.WORD, data=weight.data)
+                for e in T.serial(E, annotations=bf16_dot.IMPORT):
+                    if offsets[e + 1] > offsets[e]:
+                        run(act_words, w_words, offsets, e, out, routing, order)
+        else:
+            with T.sblock("down"):
+                T.reads()  # runs once; nothing schedules this block
+                T.writes()
+                xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I)), "float32")
+                for r in T.parallel(n * T.int64(K)):
+                    if r < T.Cast("int64", offsets[E]):
+                        for i in T.vectorized(I):
+                            xf[r, i] = T.Cast("float32", act[r, i])
+                for e in range(E):
+                    if offsets[e + 1] > offsets[e]:
+                        run(xf, weight, offsets, e, out, routing, order)
 
     return down
 

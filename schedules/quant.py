@@ -46,7 +46,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qwen3c.schedules.cpu_gemm import CACHE_LINE, prefetch_to_l2
+from qwen3c.schedules.moe import same_row
+from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 
 SCALE_DTYPE = "bfloat16"
 INT4_SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below the exact-extreme one
@@ -220,11 +221,6 @@ def activation_quantizer(scheme: QuantScheme, k: int):
                 x_offset[r, group] = total[0] * offset
 
     return quantize
-
-
-def same_row(order, r):
-    """The activation row of row ``r`` when activations are quantized in the rows' own order."""
-    return r
 
 
 def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, row_of,

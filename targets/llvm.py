@@ -20,7 +20,7 @@ from tvm.support.cc import cross_compiler
 
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
-from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls, vector_unit
+from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.targets.base import Phase, Target, TargetChoice
 from qwen3c.targets.noalias import uniform_noalias
 
@@ -120,7 +120,7 @@ class LlvmTarget(Target):
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
         return [
             Phase("kernels", "route projections to qwen3c's register-tiled GEMM (schedules)", [
-                dispatch_cpu_gemm(*vector_unit(tvm_target)),
+                dispatch_cpu_gemm(tvm_target),
                 relax.transform.DeadCodeElimination(),
             ]),
             Phase("prepare", "fold remaining transposes into matmuls before lowering", [

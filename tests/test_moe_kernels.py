@@ -11,24 +11,36 @@ import pytest
 import tvm
 from tvm.script import from_source
 
-from qwen3c.schedules import moe, moe_gpu
+from qwen3c.schedules import bf16_dot, moe, moe_gpu
 from qwen3c.targets import get_target
 
 E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
 FIRST_EXPERT_0 = np.zeros(1, np.int64)
 
 
-def build(normalize: bool, dtype: str, local_experts: int = E,
-          vectors: tuple[int, int] = (16, 32)):
+# The expert kernels' variants: (float32 lanes, vector registers, bfloat16 dot products,
+# hidden, intermediate); the dot products need sizes in steps of 32.
+KERNELS = {"avx512": (16, 32, False, H, I), "avx2": (8, 16, False, H, I),
+           "neon": (4, 32, False, H, I), "avx512-bf16": (16, 32, True, 64, 96)}
+
+
+def host_target() -> tvm.target.Target:
+    backend = get_target("llvm")
+    return backend.tvm_target(backend.resolve(None, None))
+
+
+def build(normalize: bool, dtype: str, local_experts: int = E, kernel: str = "avx512"):
+    lanes, registers, bf16, hidden, intermediate = KERNELS[kernel]
     funcs = {
         "route": moe.moe_route(E, K, normalize),
         "group": moe.moe_group(local_experts, K),
-        "gate_up": moe.moe_gate_up_silu(local_experts, K, H, I, dtype, *vectors),
-        "down": moe.moe_down_scatter(local_experts, K, H, I, dtype, *vectors),
+        "gate_up": moe.moe_gate_up_silu(local_experts, K, hidden, intermediate, dtype, lanes,
+                                        registers, bf16),
+        "down": moe.moe_down_scatter(local_experts, K, hidden, intermediate, dtype, lanes,
+                                     registers, bf16),
     }
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    backend = get_target("llvm")
-    return tvm.compile(mod, target=backend.tvm_target(backend.resolve(None, None)))
+    return tvm.compile(mod, target=host_target())
 
 
 def run(lib, name: str, *arrays: np.ndarray, outputs: list[tuple[tuple[int, ...], str]]):
@@ -71,9 +83,12 @@ def routings(n: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("routing", ["spread", "crowded"])
 @pytest.mark.parametrize("n", [1, 13, 40])  # experts with a token, a few, many tiles
-@pytest.mark.parametrize("vectors", [(16, 32), (8, 16), (4, 32)])  # AVX-512, AVX2, NEON
-def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, vectors):
-    lib = build(True, dtype, vectors=vectors)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, kernel):
+    *_, bf16, H, I = KERNELS[kernel]
+    if bf16 and not bf16_dot.usable(host_target(), dtype, H, I):
+        pytest.skip("bfloat16 dot products: bfloat16 on a CPU with AVX512-BF16 only")
+    lib = build(True, dtype, kernel=kernel)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(2)
     experts = routings(n)[routing]

@@ -11,7 +11,8 @@ from tvm.relax.frontend import nn
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import nt_gemm, schedule_nt_matmul
+from qwen3c.schedules import bf16_dot, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules.cpu_gemm import bf16_nt_gemm
 from qwen3c.targets import get_target
 
 
@@ -87,3 +88,39 @@ def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
         np.testing.assert_allclose(y.numpy(), x @ weight.T, rtol=1e-5, atol=1e-4)
+
+
+def host_target() -> tvm.target.Target:
+    backend = get_target("llvm")
+    return backend.tvm_target(backend.resolve(None, None))
+
+
+@pytest.mark.parametrize("n, k", [(40, 64), (16, 96)])  # 2 and 3 dot-product steps
+def test_bf16_dot_product_gemm_matches_numpy(n, k):
+    target = host_target()
+    if not bf16_dot.usable(target, "bfloat16", k):
+        pytest.skip("bfloat16 dot products need a CPU with AVX512-BF16")
+    kernel = tvm.compile(bf16_nt_gemm(n, k).with_attr("global_symbol", "gemm"), target=target)
+    rng = np.random.default_rng(k)
+    weight = rng.normal(size=(n, k)).astype(ml_dtypes.bfloat16)
+    for m in (1, 5, 6, 17, 70):  # decode (GEMV), one tile, partial tiles
+        x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
+        y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
+        # bfloat16 products are exact in float32: only the order of the sums differs
+        np.testing.assert_allclose(y.numpy(), x.astype(np.float32) @ weight.astype(np.float32).T,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_dot_products_compile_to_vdpbf16ps():
+    """On any AVX512-BF16 CPU (this host need not have one) the imported LLVM function is
+    inlined: the kernel's machine code holds the instruction and no call to the helper."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": "sapphirerapids"})
+    assert bf16_dot.usable(target, "bfloat16", 64)
+    assert not bf16_dot.usable(target, "float32", 64)
+    assert not bf16_dot.usable(target, "bfloat16", 48)
+    kernel = tvm.tirx.build(bf16_nt_gemm(40, 64).with_attr("global_symbol", "gemm"), target=target)
+    assembly = kernel.inspect_source("asm")
+    assert "vdpbf16ps" in assembly
+    assert bf16_dot.SYMBOL not in assembly
