@@ -33,36 +33,18 @@ decode at 1024 tokens of context goes from 11.9 to 14.3 tok/s.
 
 from __future__ import annotations
 
-import math
-
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
+
 KEY_BLOCK = 32  # keys scored at once: two AVX-512 vectors per query row
 TARGET_ROWS = 4  # query rows per task where the group size allows
-LOG2E = math.log2(math.e)
-_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]  # 2^f = Σ (f ln 2)^k / k!
 
 
 def _lanes(head_dim: int) -> int:
     """The widest vector (up to 16 float32) that divides the head dimension."""
     return next(width for width in (16, 8, 4, 2, 1) if head_dim % width == 0)
-
-
-def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2^x for x <= 0 as vectorisable arithmetic (LLVM turns ``exp2`` on vectors into one libm
-    call per lane, which cost more than the dot products): x = n + f with n an integer and
-    |f| <= 1/2, 2^n built in the exponent bits, 2^f by its Taylor series to degree 6 (relative
-    error below 2e-7). Results under 2^-126 flush to that (scores that far below the maximum
-    weigh nothing)."""
-    x = T.max(x, T.float32(-126.0))
-    n = T.floor(x + T.float32(0.5))
-    f = x - n
-    poly = T.float32(_EXP2_TAYLOR[-1])
-    for coefficient in reversed(_EXP2_TAYLOR[:-1]):  # Horner
-        poly = poly * f + T.float32(coefficient)
-    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return scale * poly
 
 
 def _attend_block(rows: int, head_dim: int):
@@ -89,8 +71,8 @@ def _attend_block(rows: int, head_dim: int):
             state[r, 3] = T.exp2(state[r, 0] - state[r, 2])
             state[r, 1] = state[r, 1] * state[r, 3]
             for j in T.vectorized(KB):
-                scores[r, j] = T.if_then_else(j < visible[r], _exp2(scores[r, j] - state[r, 2]),
-                                              T.float32(0))
+                scores[r, j] = T.if_then_else(
+                    j < visible[r], exp2_nonpositive(scores[r, j] - state[r, 2]), T.float32(0))
             for j in range(KB):
                 state[r, 1] = state[r, 1] + scores[r, j]
             state[r, 0] = state[r, 2]

@@ -116,9 +116,10 @@ def store_tile(rows: int):
     return store
 
 
-def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) -> tirx.PrimFunc:
-    """y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any token count m; ``lanes`` is the float32
-    width of one machine vector (it must divide 16), ``registers`` how many there are."""
+def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
+    """A TVMScript macro: y[m, n] (float32) = x[m, k] · W[n, k]ᵀ on float32 FMAs; ``lanes`` is
+    the float32 width of one machine vector (it must divide 16), ``registers`` how many there
+    are."""
     assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
     N, K, NG = n, k, COLS_PER_GEMV
     NB, MT = panel_rows(n, lanes), tile_tokens(registers)
@@ -128,12 +129,8 @@ def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) ->
     store = store_tile(DJ)
     decode = gemv(n, k, dtype)
 
-    @T.prim_func(private=True, s_tir=True)
-    def gemm(var_x: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
-        y = T.match_buffer(var_y, (m, T.int64(N)), OUT_DTYPE)
+    @T.macro
+    def run(x, w, y, m):
         if m >= MT:
             with T.sblock("prefill"):
                 xf = T.sblock_alloc_buffer((m, T.int64(K)), OUT_DTYPE)
@@ -180,14 +177,15 @@ def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32) ->
         else:
             decode(x, w, y, m)
 
-    return gemm
+    return run
 
 
-def bf16_nt_gemm(n: int, k: int) -> tirx.PrimFunc:
-    """``nt_gemm`` for bfloat16 on AVX512-BF16 (``bf16_dot.usable``): prefills of any length
-    run dot-product tiles of 6 tokens x 4 weight rows (no panels: there is no conversion left
-    to amortise); decode keeps the float32 GEMV, which already streams at the memory's speed
-    (the 1 x 4 dot-product tile, four row streams at once, was slower from memory)."""
+def bf16_projection(n: int, k: int):
+    """``float_projection`` for bfloat16 on AVX512-BF16 (``bf16_dot.usable``): prefills of any
+    length run dot-product tiles of 6 tokens x 4 weight rows (no panels: there is no conversion
+    left to amortise); decode keeps the float32 GEMV, which already streams at the memory's
+    speed (the 1 x 4 dot-product tile, four row streams at once, was slower from memory)."""
+    assert fits(n, k) and k % bf16_dot.STEP == 0, (n, k)
     N, K, NG = n, k, COLS_PER_GEMV
     J = moe.tile_rows(32)
     MT = moe.tile_tokens(32, J)
@@ -196,12 +194,8 @@ def bf16_nt_gemm(n: int, k: int) -> tirx.PrimFunc:
     store = store_tile(J)
     decode = gemv(n, k, "bfloat16")
 
-    @T.prim_func(private=True, s_tir=True)
-    def gemm(var_x: T.handle, w: T.Buffer((N, K), "bfloat16"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
-        y = T.match_buffer(var_y, (m, T.int64(N)), OUT_DTYPE)
+    @T.macro
+    def run(x, w, y, m):
         if m >= MT:
             with T.sblock("prefill"):
                 x_words = T.decl_buffer((m, T.int64(W)), bf16_dot.WORD, data=x.data)
@@ -223,6 +217,30 @@ def bf16_nt_gemm(n: int, k: int) -> tirx.PrimFunc:
         else:
             decode(x, w, y, m)
 
+    return run
+
+
+def projection(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
+               bf16: bool = False):
+    """A TVMScript macro ``run(x, w, y, m)``: y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any
+    token count m (``bf16``: on bfloat16 dot products, see ``bf16_dot.usable``)."""
+    return bf16_projection(n, k) if bf16 else float_projection(n, k, dtype, lanes, registers)
+
+
+def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
+            bf16: bool = False) -> tirx.PrimFunc:
+    """``projection`` as a kernel."""
+    N, K = n, k
+    body = projection(n, k, dtype, lanes, registers, bf16)
+
+    @T.prim_func(private=True, s_tir=True)
+    def gemm(var_x: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
+        y = T.match_buffer(var_y, (m, T.int64(N)), OUT_DTYPE)
+        body(x, w, y, m)
+
     return gemm
 
 
@@ -236,8 +254,8 @@ class _GemmDispatcher(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        transposed = self._bound(call.args[1]) if len(call.args) == 2 else None
-        if not _is_nt_matmul(call, transposed):
+        transposed = bound_value(self, call.args[1]) if len(call.args) == 2 else None
+        if not is_nt_matmul(call, transposed):
             return call
         x, weight = call.args[0], transposed.args[0]
         (n, k), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
@@ -245,27 +263,36 @@ class _GemmDispatcher(relax.PyExprMutator):
             return call
         key = (n, k, dtype)
         if key not in self.kernels:
-            kernel = (bf16_nt_gemm(n, k) if bf16_dot.usable(self.target, dtype, k)
-                      else nt_gemm(n, k, dtype, self.lanes, self.registers))
+            kernel = nt_gemm(n, k, dtype, self.lanes, self.registers,
+                             bf16_dot.usable(self.target, dtype, k))
             self.kernels[key] = self.builder_.add_func(kernel, f"nt_gemm_{n}x{k}_{dtype}")
-        lead = list(x.ty.shape)[:-1]
-        tokens = lead[0]
-        for dim in lead[1:]:
-            tokens = tokens * dim
-        flat = self.builder_.emit(relax.op.reshape(x, [tokens, k]))
-        y = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, weight],
-                                              relax.TensorType([tokens, n], OUT_DTYPE)))
-        return relax.op.reshape(y, [*lead, n])
-
-    def _bound(self, expr: relax.Expr) -> relax.Expr:
-        """What a dataflow variable was bound to (nn emits every op as its own binding)."""
-        if isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            return bound if bound is not None else expr
-        return expr
+        return call_per_token(self.builder_, self.kernels[key], x, weight, n, OUT_DTYPE)
 
 
-def _is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
+def call_per_token(builder: relax.BlockBuilder, kernel: tvm.ir.GlobalVar, x: relax.Expr,
+                   weight: relax.Expr, features: int, dtype: str) -> relax.Expr:
+    """``kernel(x as [tokens, k], weight)`` -> [tokens, features], reshaped back to x's
+    leading axes."""
+    lead = list(x.ty.shape)[:-1]
+    tokens = lead[0]
+    for dim in lead[1:]:
+        tokens = tokens * dim
+    flat = builder.emit(relax.op.reshape(x, [tokens, x.ty.shape[-1]]))
+    y = builder.emit(relax.call_tir(kernel, [flat, weight],
+                                    relax.TensorType([tokens, features], dtype)))
+    return relax.op.reshape(y, [*lead, features])
+
+
+
+def bound_value(mutator: relax.PyExprMutator, expr: relax.Expr) -> relax.Expr:
+    """What a dataflow variable was bound to (nn emits every op as its own binding)."""
+    if isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        return bound if bound is not None else expr
+    return expr
+
+
+def is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
     """matmul(x, permute_dims(W)) into float32, W a 2-D tensor of static shape."""
     if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
         return False
@@ -282,8 +309,8 @@ def _is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
 
 
 def dispatch_cpu_gemm(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The pass that routes fitting projections to ``bf16_nt_gemm`` where the target has
-    AVX512-BF16, else to ``nt_gemm`` tiled for its vector registers."""
+    """The pass that routes fitting projections to ``nt_gemm``: on bfloat16 dot products where
+    the target has AVX512-BF16, else tiled for its vector registers."""
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchCPUGemm")
     def dispatch(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -27,6 +27,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot
+from qwen3c.schedules.fast_math import sigmoid
 
 ROWS = 16
 
@@ -238,6 +239,11 @@ def paired_rows(intermediate: int, pairs: int):
     return row_of
 
 
+def swiglu(gate, up):
+    """silu(gate) · up = gate · sigmoid(gate) · up, in float32."""
+    return gate * sigmoid(gate) * up
+
+
 def swiglu_store(intermediate: int, pairs: int, dtype: str):
     """An epilogue macro: act[row, feature] = silu(gate) * up from a tile's sums of
     ``paired_rows`` (``routing`` and ``order`` unused)."""
@@ -247,8 +253,8 @@ def swiglu_store(intermediate: int, pairs: int, dtype: str):
             if t0 + i < count:
                 for j in T.unroll(pairs):
                     if base + j < intermediate:
-                        act[first + t0 + i, base + j] = T.Cast(dtype, sums[i, j] / (
-                            T.float32(1) + T.exp(-sums[i, j])) * sums[i, pairs + j])
+                        act[first + t0 + i, base + j] = T.Cast(
+                            dtype, swiglu(sums[i, j], sums[i, pairs + j]))
 
     return store
 

@@ -21,6 +21,7 @@ from tvm.support.cc import cross_compiler
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
 from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
+from qwen3c.schedules.mlp import fuse_gate_up_silu
 from qwen3c.targets.base import Phase, Target, TargetChoice
 from qwen3c.targets.noalias import uniform_noalias
 
@@ -119,7 +120,9 @@ class LlvmTarget(Target):
 
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
         return [
-            Phase("kernels", "route projections to qwen3c's register-tiled GEMM (schedules)", [
+            Phase("kernels", "route projections and the MLP's SwiGLU to our kernels", [
+                fuse_gate_up_silu(tvm_target),
+                relax.transform.DeadCodeElimination(),
                 dispatch_cpu_gemm(tvm_target),
                 relax.transform.DeadCodeElimination(),
             ]),

@@ -12,7 +12,6 @@ from tvm.relax.frontend import nn
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
 from qwen3c.schedules import bf16_dot, nt_gemm, schedule_nt_matmul
-from qwen3c.schedules.cpu_gemm import bf16_nt_gemm
 from qwen3c.targets import get_target
 
 
@@ -100,7 +99,8 @@ def test_bf16_dot_product_gemm_matches_numpy(n, k):
     target = host_target()
     if not bf16_dot.usable(target, "bfloat16", k):
         pytest.skip("bfloat16 dot products need a CPU with AVX512-BF16")
-    kernel = tvm.compile(bf16_nt_gemm(n, k).with_attr("global_symbol", "gemm"), target=target)
+    kernel = tvm.compile(nt_gemm(n, k, "bfloat16", bf16=True).with_attr("global_symbol", "gemm"),
+                         target=target)
     rng = np.random.default_rng(k)
     weight = rng.normal(size=(n, k)).astype(ml_dtypes.bfloat16)
     for m in (1, 5, 6, 17, 70):  # decode (GEMV), one tile, partial tiles
@@ -120,7 +120,8 @@ def test_bf16_dot_products_compile_to_vdpbf16ps():
     assert bf16_dot.usable(target, "bfloat16", 64)
     assert not bf16_dot.usable(target, "float32", 64)
     assert not bf16_dot.usable(target, "bfloat16", 48)
-    kernel = tvm.tirx.build(bf16_nt_gemm(40, 64).with_attr("global_symbol", "gemm"), target=target)
+    kernel = tvm.tirx.build(nt_gemm(40, 64, "bfloat16", bf16=True).with_attr(
+        "global_symbol", "gemm"), target=target)
     assembly = kernel.inspect_source("asm")
     assert "vdpbf16ps" in assembly
     assert bf16_dot.SYMBOL not in assembly
