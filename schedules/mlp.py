@@ -66,9 +66,9 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _SwiGLUFuser(relax.PyExprMutator):
-    """Rewrites ``multiply(silu(h[0]), h[1])``, ``h = split(astype(x Wᵀ), 2, axis=-1)``, into
-    one ``gate_up_silu`` call; the GEMM, cast and split it bypasses are left for dead-code
-    elimination."""
+    """Rewrites ``multiply(silu(h[0]), h[1])``, ``h = split(x Wᵀ, 2, axis=-1)`` (cast to W's
+    dtype), into one ``gate_up_silu`` call; the GEMM, cast and split it bypasses are left for
+    dead-code elimination."""
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
@@ -107,17 +107,16 @@ class _SwiGLUFuser(relax.PyExprMutator):
         if not (_is_op(halves, "relax.split") and len(halves.ty.fields) == 2
                 and int(halves.attrs.axis) in (-1, halves.args[0].ty.ndim - 1)):
             return None
-        cast = bound_value(self, halves.args[0])
-        if not _is_op(cast, "relax.astype"):
-            return None
-        matmul = bound_value(self, cast.args[0])
+        matmul = bound_value(self, halves.args[0])
+        if _is_op(matmul, "relax.astype"):  # back to the weight dtype (none for float32)
+            matmul = bound_value(self, matmul.args[0])
         transposed = bound_value(self, matmul.args[1]) if _is_op(matmul, "relax.matmul") else None
         if not is_nt_matmul(matmul, transposed):
             return None
         x, weight = matmul.args[0], transposed.args[0]
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         if (rows % 2 or not fits(rows, hidden) or x.ty.dtype != dtype
-                or str(cast.attrs.dtype) != dtype):
+                or halves.args[0].ty.dtype != dtype):
             return None
         return x, weight
 

@@ -11,7 +11,8 @@ from tvm.relax.frontend import nn
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import bf16_dot, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules import bf16_dot, fast_math, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules.mlp import gate_up_silu
 from qwen3c.targets import get_target
 
 
@@ -125,3 +126,83 @@ def test_bf16_dot_products_compile_to_vdpbf16ps():
     assembly = kernel.inspect_source("asm")
     assert "vdpbf16ps" in assembly
     assert bf16_dot.SYMBOL not in assembly
+
+
+class SwiGLU(nn.Module):
+    """The dense MLP's first half, written as the model writes it."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: str):
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False, dtype=dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = nn.op.split(self.gate_up_proj(x), indices_or_sections=2, axis=-1)
+        return nn.op.silu(gate) * up
+
+
+def reference_swiglu(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    y = x.astype(np.float32) @ weight.astype(np.float32).T
+    gate, up = np.split(y, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_gate_up_and_swiglu_become_one_kernel(dtype, tolerance):
+    hidden, intermediate = 64, 40
+    module = SwiGLU(hidden, intermediate, dtype)
+    spec = {"forward": {"x": nn.spec.Tensor(["m", hidden], dtype),
+                        "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    mod = run_pipeline(module.export_tvm(spec=spec)[0], backend.pipeline(target), target)
+    names = [gvar.name_hint for gvar in mod.functions]
+    assert any(name.startswith("gate_up_silu") for name in names), names
+    assert not any(name.startswith("nt_gemm") for name in names), names
+    vm = relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None), tvm.cpu())
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(1)
+    weight = (rng.normal(size=(2 * intermediate, hidden)) * 0.3).astype(np_dtype)
+    for m in (1, 3, 17, 70):
+        x = rng.normal(size=(m, hidden)).astype(np_dtype)
+        out = vm["forward"](tvm.runtime.tensor(x), [tvm.runtime.tensor(weight)])
+        np.testing.assert_allclose(out.numpy().astype(np.float32), reference_swiglu(x, weight),
+                                   rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "neon", "avx512-bf16"])
+def test_gate_up_silu_kernel_matches_numpy(kernel):
+    """Every projection body under the fused kernel: float32 tiles for three vector units
+    (decode, dot tiles, panels) and the bfloat16 dot products."""
+    lanes, registers, bf16 = {"avx512": (16, 32, False), "avx2": (8, 16, False),
+                              "neon": (4, 32, False), "avx512-bf16": (16, 32, True)}[kernel]
+    hidden, intermediate, dtype = 96, 24, "bfloat16"
+    target = host_target()
+    if bf16 and not bf16_dot.usable(target, dtype, hidden):
+        pytest.skip("bfloat16 dot products need a CPU with AVX512-BF16")
+    fused = tvm.compile(gate_up_silu(hidden, intermediate, dtype, lanes, registers, bf16)
+                        .with_attr("global_symbol", "gate_up"), target=target)
+    rng = np.random.default_rng(2)
+    weight = (rng.normal(size=(2 * intermediate, hidden)) * 0.3).astype(ml_dtypes.bfloat16)
+    for m in (1, 6, 17, 70):
+        x = rng.normal(size=(m, hidden)).astype(ml_dtypes.bfloat16)
+        act = tvm.runtime.tensor(np.zeros((m, intermediate), ml_dtypes.bfloat16))
+        fused(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), act)
+        np.testing.assert_allclose(act.numpy().astype(np.float32), reference_swiglu(x, weight),
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_fast_sigmoid_matches_numpy():
+    """The arithmetic sigmoid behind SwiGLU, over the whole float32 range (no overflow)."""
+    @tvm.script.tirx.prim_func
+    def sigmoids(x: tvm.script.tirx.Buffer((64,), "float32"),
+                 y: tvm.script.tirx.Buffer((64,), "float32")):
+        for i in range(64):
+            y[i] = fast_math.sigmoid(x[i])
+
+    kernel = tvm.compile(sigmoids, target="llvm")
+    x = np.concatenate([np.linspace(-100, 100, 60), [-3e38, 3e38, 0, -0.0]]).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros(64, np.float32))
+    kernel(tvm.runtime.tensor(x), y)
+    with np.errstate(over="ignore"):
+        expected = 1 / (1 + np.exp(-x.astype(np.float64)))
+    # relative error grows with |x| (x log2(e) is rounded); below 2^-126 results flush to it
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1.2e-38)
