@@ -31,14 +31,31 @@ from qwen3c.schedules.cpu_gemm import (
 SWIGLU_SPLIT = 4  # parallel SwiGLU tasks per token (decode has one token)
 
 
+def swiglu_rows(intermediate: int, dtype: str):
+    """A TVMScript macro: act[t] = silu(y[t, :I]) * y[t, I:] for n tokens, in float32, in
+    parallel (SWIGLU_SPLIT tasks per token) and vectorised (``fast_math``'s sigmoid)."""
+    I = intermediate
+    S = SWIGLU_SPLIT if I % SWIGLU_SPLIT == 0 else 1
+
+    @T.macro
+    def run(y, act, n):
+        for task in T.parallel(n * S):
+            for i in T.vectorized(I // S):
+                act[task // S, task % S * (I // S) + i] = T.Cast(dtype, moe.swiglu(
+                    T.Cast("float32", y[task // S, task % S * (I // S) + i]),
+                    T.Cast("float32", y[task // S, I + task % S * (I // S) + i])))
+
+    return run
+
+
 @functools.cache
 def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
                  registers: int = 32, bf16: bool = False) -> tirx.PrimFunc:
     """act[t] = silu(W[:I] · x[t]) * (W[I:] · x[t]) for a weight W [2I, H] (``bf16``: on
     bfloat16 dot products, see ``bf16_dot.usable``)."""
-    H, I, S = hidden, intermediate, SWIGLU_SPLIT
-    assert I % S == 0, I
+    H, I = hidden, intermediate
     body = projection(2 * I, H, dtype, lanes, registers, bf16)
+    activate = swiglu_rows(I, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, weight: T.Buffer((2 * I, H), dtype), var_act: T.handle):
@@ -51,13 +68,30 @@ def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
             T.writes()
             y = T.sblock_alloc_buffer((n, T.int64(2 * I)), OUT_DTYPE)
             body(x, weight, y, n)
-            for task in T.parallel(n * S):
-                for i in T.vectorized(I // S):
-                    act[task // S, task % S * (I // S) + i] = T.Cast(dtype, moe.swiglu(
-                        y[task // S, task % S * (I // S) + i],
-                        y[task // S, I + task % S * (I // S) + i]))
+            activate(y, act, n)
 
     return gate_up
+
+
+@functools.cache
+def swiglu(intermediate: int, dtype: str) -> tirx.PrimFunc:
+    """act[t] = silu(y[t, :I]) * y[t, I:], for a y our GEMM does not make (quantized
+    projections)."""
+    I = intermediate
+    activate = swiglu_rows(I, dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_y: T.handle, var_act: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        y = T.match_buffer(var_y, (n, T.int64(2 * I)), dtype)
+        act = T.match_buffer(var_act, (n, T.int64(I)), dtype)
+        with T.sblock("swiglu"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            activate(y, act, n)
+
+    return kernel
 
 
 def _is_op(expr: relax.Expr, name: str) -> bool:
@@ -66,33 +100,41 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _SwiGLUFuser(relax.PyExprMutator):
-    """Rewrites ``multiply(silu(h[0]), h[1])``, ``h = split(x Wᵀ, 2, axis=-1)`` (cast to W's
-    dtype), into one ``gate_up_silu`` call; the GEMM, cast and split it bypasses are left for
-    dead-code elimination."""
+    """Rewrites ``multiply(silu(h[0]), h[1])``, ``h = split(y, 2, axis=-1)``, into one
+    ``gate_up_silu`` call where y = x Wᵀ is a projection our GEMM takes (cast to W's dtype),
+    else into a ``swiglu`` call over y; what it bypasses is left for dead-code elimination."""
 
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
         self.target = target
-        self.kernels: dict[tuple[int, int, str], tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        projection = self._gate_up_projection(call)
-        if projection is None:
+        y = self._swiglu_input(call)
+        if y is None:
             return call
+        projection = self._gate_up_projection(y)
+        if projection is None:
+            intermediate, dtype = int(y.ty.shape[-1]) // 2, y.ty.dtype
+            kernel = self._kernel(("swiglu", intermediate, dtype),
+                                  lambda: swiglu(intermediate, dtype))
+            return call_per_token(self.builder_, kernel, y, intermediate, dtype)
         x, weight = projection
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         intermediate = rows // 2
-        key = (hidden, intermediate, dtype)
-        if key not in self.kernels:
-            bf16 = bf16_dot.usable(self.target, dtype, hidden)
-            kernel = gate_up_silu(hidden, intermediate, dtype, *vector_unit(self.target), bf16)
-            self.kernels[key] = self.builder_.add_func(
-                kernel, f"gate_up_silu_{intermediate}x{hidden}_{dtype}")
-        return call_per_token(self.builder_, self.kernels[key], x, weight, intermediate, dtype)
+        bf16 = bf16_dot.usable(self.target, dtype, hidden)
+        kernel = self._kernel(("gate_up_silu", intermediate, hidden, dtype), lambda: gate_up_silu(
+            hidden, intermediate, dtype, *vector_unit(self.target), bf16))
+        return call_per_token(self.builder_, kernel, x, intermediate, dtype, weight)
 
-    def _gate_up_projection(self, call: relax.Call) -> tuple[relax.Expr, relax.Expr] | None:
-        """(x, W) when ``call`` is SwiGLU over the halves of a fitting projection x Wᵀ."""
+    def _kernel(self, key: tuple, make) -> tvm.ir.GlobalVar:
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(make(), "_".join(map(str, key)))
+        return self.kernels[key]
+
+    def _swiglu_input(self, call: relax.Call) -> relax.Expr | None:
+        """y when ``call`` is SwiGLU over the two halves of y's last axis (static, float)."""
         if not _is_op(call, "relax.multiply"):
             return None
         silu, up = (bound_value(self, arg) for arg in call.args)
@@ -104,26 +146,37 @@ class _SwiGLUFuser(relax.PyExprMutator):
                 and gate.tuple_value.same_as(up.tuple_value)):
             return None
         halves = bound_value(self, gate.tuple_value)
-        if not (_is_op(halves, "relax.split") and len(halves.ty.fields) == 2
-                and int(halves.attrs.axis) in (-1, halves.args[0].ty.ndim - 1)):
+        if not (_is_op(halves, "relax.split") and len(halves.ty.fields) == 2):
             return None
-        matmul = bound_value(self, halves.args[0])
+        y = halves.args[0]
+        last = y.ty.shape[-1] if isinstance(y.ty, relax.TensorType) else None
+        if not (isinstance(last, tirx.IntImm) and int(last) % 2 == 0 and y.ty.ndim >= 2
+                and int(halves.attrs.axis) in (-1, y.ty.ndim - 1)
+                and y.ty.dtype in ("float32", "float16", "bfloat16")):
+            return None
+        return y
+
+    def _gate_up_projection(self, y: relax.Expr) -> tuple[relax.Expr, relax.Expr] | None:
+        """(x, W) when y is a projection x Wᵀ our GEMM takes, cast to W's dtype."""
+        matmul = bound_value(self, y)
         if _is_op(matmul, "relax.astype"):  # back to the weight dtype (none for float32)
             matmul = bound_value(self, matmul.args[0])
-        transposed = bound_value(self, matmul.args[1]) if _is_op(matmul, "relax.matmul") else None
+        if not _is_op(matmul, "relax.matmul"):
+            return None
+        transposed = bound_value(self, matmul.args[1])
         if not is_nt_matmul(matmul, transposed):
             return None
         x, weight = matmul.args[0], transposed.args[0]
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
-        if (rows % 2 or not fits(rows, hidden) or x.ty.dtype != dtype
-                or halves.args[0].ty.dtype != dtype):
+        if not fits(rows, hidden) or x.ty.dtype != dtype or y.ty.dtype != dtype:
             return None
         return x, weight
 
 
 def fuse_gate_up_silu(target: tvm.target.Target) -> tvm.transform.Pass:
     """The pass that routes the dense MLP's gate_up projection and SwiGLU to ``gate_up_silu``
-    (before ``dispatch_cpu_gemm``, which would take the projection alone)."""
+    (before ``dispatch_cpu_gemm``, which would take the projection alone), and any other
+    SwiGLU to ``swiglu``."""
 
     @tvm.transform.module_pass(opt_level=0, name="FuseGateUpSiLU")
     def fuse(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

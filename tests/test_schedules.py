@@ -168,6 +168,34 @@ def test_gate_up_and_swiglu_become_one_kernel(dtype, tolerance):
                                    rtol=tolerance, atol=tolerance)
 
 
+class SwiGLUOnly(nn.Module):
+    """SwiGLU over a tensor no projection of ours made (as after a quantized projection)."""
+
+    def forward(self, y: nn.Tensor) -> nn.Tensor:
+        gate, up = nn.op.split(y, indices_or_sections=2, axis=-1)
+        return nn.op.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_swiglu_without_projection_runs_our_kernel(dtype, tolerance):
+    intermediate = 36
+    spec = {"forward": {"y": nn.spec.Tensor(["m", 2 * intermediate], dtype),
+                        "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    mod = run_pipeline(SwiGLUOnly().export_tvm(spec=spec)[0], backend.pipeline(target), target)
+    names = [gvar.name_hint for gvar in mod.functions]
+    assert any(name.startswith("swiglu") for name in names), names
+    vm = relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None), tvm.cpu())
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    for m in (1, 9):
+        y = np.random.default_rng(m).normal(size=(m, 2 * intermediate)).astype(np_dtype)
+        out = vm["forward"](tvm.runtime.tensor(y), []).numpy().astype(np.float32)
+        gate, up = np.split(y.astype(np.float32), 2, axis=-1)
+        np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=tolerance,
+                                   atol=tolerance)
+
+
 @pytest.mark.parametrize("kernel", ["avx512", "avx2", "neon", "avx512-bf16"])
 def test_gate_up_silu_kernel_matches_numpy(kernel):
     """Every projection body under the fused kernel: float32 tiles for three vector units
