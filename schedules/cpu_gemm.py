@@ -120,17 +120,44 @@ def store_tile(rows: int):
     return store
 
 
+def dot_tiles(n: int, tile, tokens: int, rows: int, lanes: int, vector: str,
+              annotations: dict):
+    """A TVMScript macro: y[m, n] from register tiles ``tile`` (``moe.expert_tile`` or
+    ``bf16_dot.tile``: ``tokens`` x ``rows`` sums of ``lanes`` partial sums, weight vectors
+    held as ``vector``) over x and the weight viewed as one expert's [1, n, .], COLS_PER_GEMV
+    weight rows per parallel task (its loop annotated with ``annotations``)."""
+    N, NG = n, COLS_PER_GEMV
+    store = store_tile(rows)
+
+    @T.macro
+    def run(x, w, y, m):
+        for task in T.parallel(N // NG, annotations=annotations):
+            with T.sblock("dot_tiles"):
+                T.reads()  # independent tasks; nothing schedules this block
+                T.writes()
+                acc = T.sblock_alloc_buffer((tokens, rows, lanes), OUT_DTYPE, scope="local")
+                wv = T.sblock_alloc_buffer((rows, lanes), vector, scope="local")
+                sums = T.sblock_alloc_buffer((tokens, rows), OUT_DTYPE, scope="local")
+                for mb in range((m + tokens - 1) // tokens):
+                    for g in range(NG // rows):
+                        tile(x, w, 0, None, 0, mb * tokens, m - 1, task * NG + g * rows, sums,
+                             acc, wv)
+                        store(y, sums, mb * tokens, tokens, m, task * NG + g * rows)
+
+    return run
+
+
 def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
     """A TVMScript macro: y[m, n] (float32) = x[m, k] · W[n, k]ᵀ on float32 FMAs; ``lanes`` is
     the float32 width of one machine vector (it must divide 16), ``registers`` how many there
     are."""
     assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
-    N, K, NG = n, k, COLS_PER_GEMV
+    N, K = n, k
     NB, MT = panel_rows(n, lanes), tile_tokens(registers)
     DJ = moe.tile_rows(registers)
     DMT = moe.tile_tokens(registers, DJ)
-    dot_tile = moe.expert_tile(DMT, DJ, lanes, K, lambda base, j: base + j)
-    store = store_tile(DJ)
+    tiles = dot_tiles(n, moe.expert_tile(DMT, DJ, lanes, K, lambda base, j: base + j), DMT, DJ,
+                      lanes, OUT_DTYPE, {})
     decode = gemv(n, k, dtype)
 
     @T.macro
@@ -165,19 +192,7 @@ def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
                                             for c in T.vectorized(NB):
                                                 y[mb * MT + i, nb * NB + c] = acc[i, c]
                 else:
-                    for task in T.parallel(N // NG):
-                        with T.sblock("dot_tiles"):
-                            T.reads()  # independent tasks; nothing schedules this block
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((DMT, DJ, lanes), OUT_DTYPE,
-                                                        scope="local")
-                            wv = T.sblock_alloc_buffer((DJ, lanes), OUT_DTYPE, scope="local")
-                            sums = T.sblock_alloc_buffer((DMT, DJ), OUT_DTYPE, scope="local")
-                            for mb in range((m + DMT - 1) // DMT):
-                                for g in range(NG // DJ):
-                                    dot_tile(xf, w_rows, 0, None, 0, mb * DMT, m - 1,
-                                             task * NG + g * DJ, sums, acc, wv)
-                                    store(y, sums, mb * DMT, DMT, m, task * NG + g * DJ)
+                    tiles(xf, w_rows, y, m)
         else:
             decode(x, w, y, m)
 
@@ -190,12 +205,12 @@ def bf16_projection(n: int, k: int):
     left to amortise); decode keeps the float32 GEMV, which already streams at the memory's
     speed (the 1 x 4 dot-product tile, four row streams at once, was slower from memory)."""
     assert fits(n, k) and k % bf16_dot.STEP == 0, (n, k)
-    N, K, NG = n, k, COLS_PER_GEMV
+    N, K = n, k
     J = moe.tile_rows(32)
     MT = moe.tile_tokens(32, J)
     W = K // bf16_dot.PAIRS
-    tile = bf16_dot.tile(MT, J, K, moe.same_row, lambda base, j: base + j)
-    store = store_tile(J)
+    tiles = dot_tiles(n, bf16_dot.tile(MT, J, K, moe.same_row, lambda base, j: base + j), MT, J,
+                      bf16_dot.LANES, bf16_dot.WORD, bf16_dot.IMPORT)
     decode = gemv(n, k, "bfloat16")
 
     @T.macro
@@ -204,20 +219,7 @@ def bf16_projection(n: int, k: int):
             with T.sblock("prefill"):
                 x_words = T.decl_buffer((m, T.int64(W)), bf16_dot.WORD, data=x.data)
                 w_words = T.decl_buffer((1, N, W), bf16_dot.WORD, data=w.data)  # one expert's
-                for task in T.parallel(N // NG, annotations=bf16_dot.IMPORT):
-                    with T.sblock("dot_tiles"):
-                        T.reads()  # independent tasks; nothing schedules this block
-                        T.writes()
-                        acc = T.sblock_alloc_buffer((MT, J, bf16_dot.LANES), OUT_DTYPE,
-                                                    scope="local")
-                        wv = T.sblock_alloc_buffer((J, bf16_dot.LANES), bf16_dot.WORD,
-                                                   scope="local")
-                        sums = T.sblock_alloc_buffer((MT, J), OUT_DTYPE, scope="local")
-                        for mb in range((m + MT - 1) // MT):
-                            for g in range(NG // J):
-                                tile(x_words, w_words, 0, None, 0, mb * MT, m - 1,
-                                     task * NG + g * J, sums, acc, wv)
-                                store(y, sums, mb * MT, MT, m, task * NG + g * J)
+                tiles(x_words, w_words, y, m)
         else:
             decode(x, w, y, m)
 

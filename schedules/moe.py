@@ -278,6 +278,45 @@ def scatter_add(hidden: int, rows: int, top_k: int):
     return scatter
 
 
+def float_experts(num_experts: int, depth: int, token_row, run):
+    """A TVMScript macro: ``run`` (``expert_rows``) for every expert that has tokens, over the
+    activations of the ``count`` grouped rows (``token_row`` of each) converted to float32
+    once."""
+    E = num_experts
+
+    @T.macro
+    def experts(x, weight, offsets, dst, routing, order, count):
+        with T.sblock("float32_rows"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            xf = T.sblock_alloc_buffer((count, depth), "float32")
+            for r in T.parallel(count):
+                if r < T.Cast("int64", offsets[E]):
+                    for c in T.vectorized(depth):
+                        xf[r, c] = T.Cast("float32", x[token_row(order, r), c])
+            for e in range(E):
+                if offsets[e + 1] > offsets[e]:
+                    run(xf, weight, offsets, e, dst, routing, order)
+
+    return experts
+
+
+def bf16_experts(num_experts: int, rows: int, depth: int, run):
+    """``float_experts`` on bfloat16 dot products: int32 views of the activations x [., depth]
+    (read in place, so ``count`` is not needed) and weights [E, rows, depth]."""
+    E, W = num_experts, depth // bf16_dot.PAIRS
+
+    @T.macro
+    def experts(x, weight, offsets, dst, routing, order, count):
+        x_words = T.decl_buffer((x.shape[0], W), bf16_dot.WORD, data=x.data)
+        w_words = T.decl_buffer((E, rows, W), bf16_dot.WORD, data=weight.data)
+        for e in T.serial(E, annotations=bf16_dot.IMPORT):
+            if offsets[e + 1] > offsets[e]:
+                run(x_words, w_words, offsets, e, dst, routing, order)
+
+    return experts
+
+
 def gathered_token(top_k: int):
     """``token_row`` of grouped row ``r`` in the tokens' own activations."""
     def token_row(order, r):
@@ -302,7 +341,8 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
     run = expert_rows(I, P, J, lanes, registers, H, paired_rows(I, P),
                       swiglu_store(I, P, dtype), bf16,
                       gathered_token(K) if bf16 else same_row)  # xf is gathered already
-    W = H // bf16_dot.PAIRS
+    experts = (bf16_experts(E, 2 * I, H, run) if bf16
+               else float_experts(E, H, gathered_token(K), run))
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
@@ -312,27 +352,10 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
         x = T.match_buffer(var_x, (n, T.int64(H)), dtype)
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
-        if bf16:
-            with T.sblock("gate_up"):
-                T.reads()  # runs once; nothing schedules this block
-                T.writes()
-                x_words = T.decl_buffer((n, T.int64(W)), bf16_dot.WORD, data=x.data)
-                w_words = T.decl_buffer((E, 2 * I, W), bf16_dot.WORD, data=weight.data)
-                for e in T.serial(E, annotations=bf16_dot.IMPORT):
-                    if offsets[e + 1] > offsets[e]:
-                        run(x_words, w_words, offsets, e, act, None, order)
-        else:
-            with T.sblock("gate_up"):
-                T.reads()  # runs once; nothing schedules this block
-                T.writes()
-                xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(H)), "float32")
-                for r in T.parallel(n * T.int64(K)):
-                    if r < T.Cast("int64", offsets[E]):
-                        for h in T.vectorized(H):
-                            xf[r, h] = T.Cast("float32", x[order[r] // K, h])
-                for e in range(E):
-                    if offsets[e + 1] > offsets[e]:
-                        run(xf, weight, offsets, e, act, None, order)
+        with T.sblock("gate_up"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            experts(x, weight, offsets, act, None, order, n * T.int64(K))
 
     return gate_up
 
@@ -348,7 +371,7 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
     J = tile_rows(registers)
     run = expert_rows(H, J, J, lanes, registers, I, lambda base, j: T.min(base + j, H - 1),
                       scatter_add(H, J, K), bf16)
-    W = I // bf16_dot.PAIRS
+    experts = bf16_experts(E, H, I, run) if bf16 else float_experts(E, I, same_row, run)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),
@@ -363,28 +386,10 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
         for t in T.parallel(n):
             for h in T.vectorized(H):
                 out[t, h] = T.float32(0)
-        if bf16:
-            with T.sblock("down"):
-                T.reads()  # runs once; nothing schedules this block
-                T.writes()
-                act_words = T.decl_buffer((n * T.int64(K), T.int64(W)), bf16_dot.WORD,
-                                          data=act.data)
-                w_words = T.decl_buffer((E, H, W), bf16_dot.WORD, data=weight.data)
-                for e in T.serial(E, annotations=bf16_dot.IMPORT):
-                    if offsets[e + 1] > offsets[e]:
-                        run(act_words, w_words, offsets, e, out, routing, order)
-        else:
-            with T.sblock("down"):
-                T.reads()  # runs once; nothing schedules this block
-                T.writes()
-                xf = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I)), "float32")
-                for r in T.parallel(n * T.int64(K)):
-                    if r < T.Cast("int64", offsets[E]):
-                        for i in T.vectorized(I):
-                            xf[r, i] = T.Cast("float32", act[r, i])
-                for e in range(E):
-                    if offsets[e + 1] > offsets[e]:
-                        run(xf, weight, offsets, e, out, routing, order)
+        with T.sblock("down"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            experts(act, weight, offsets, out, routing, order, n * T.int64(K))
 
     return down
 
