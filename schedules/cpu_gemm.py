@@ -260,10 +260,10 @@ class _GemmDispatcher(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        transposed = bound_value(self, call.args[1]) if len(call.args) == 2 else None
-        if not is_nt_matmul(call, transposed):
+        operands = nt_matmul_operands(self, call)
+        if operands is None:
             return call
-        x, weight = call.args[0], transposed.args[0]
+        x, weight = operands
         (n, k), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         if not fits(n, k) or x.ty.dtype != dtype:
             return call
@@ -289,7 +289,6 @@ def call_per_token(builder: relax.BlockBuilder, kernel: tvm.ir.GlobalVar, x: rel
     return relax.op.reshape(y, [*lead, features])
 
 
-
 def bound_value(mutator: relax.PyExprMutator, expr: relax.Expr) -> relax.Expr:
     """What a dataflow variable was bound to (nn emits every op as its own binding)."""
     if isinstance(expr, relax.Var):
@@ -298,32 +297,47 @@ def bound_value(mutator: relax.PyExprMutator, expr: relax.Expr) -> relax.Expr:
     return expr
 
 
-def is_nt_matmul(call: relax.Call, rhs: relax.Expr | None) -> bool:
-    """matmul(x, permute_dims(W)) into float32, W a 2-D tensor of static shape."""
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
-        return False
-    if not (isinstance(rhs, relax.Call) and isinstance(rhs.op, tvm.ir.Op)
-            and rhs.op.name == "relax.permute_dims"):
-        return False
+def is_op(expr: relax.Expr, name: str) -> bool:
+    """Whether ``expr`` is a call of the Relax operator ``name``."""
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def nt_matmul_operands(mutator: relax.PyExprMutator,
+                       expr: relax.Expr) -> tuple[relax.Expr, relax.Expr] | None:
+    """(x, W) when ``expr`` is matmul(x, permute_dims(W)) into float32, W a 2-D tensor of static
+    shape and x of at least 2 axes."""
+    if not is_op(expr, "relax.matmul"):
+        return None
+    rhs = bound_value(mutator, expr.args[1])
+    if not is_op(rhs, "relax.permute_dims"):
+        return None
     axes = rhs.attrs.axes
-    weight = rhs.args[0]
-    return (str(call.attrs.out_dtype) == OUT_DTYPE
+    x, weight = expr.args[0], rhs.args[0]
+    if (str(expr.attrs.out_dtype) == OUT_DTYPE
             and (axes is None or [int(a) for a in axes] == [1, 0])
             and isinstance(weight.ty, relax.TensorType) and weight.ty.ndim == 2
             and all(isinstance(d, tirx.IntImm) for d in weight.ty.shape)
-            and isinstance(call.args[0].ty, relax.TensorType) and call.args[0].ty.ndim >= 2)
+            and isinstance(x.ty, relax.TensorType) and x.ty.ndim >= 2):
+        return x, weight
+    return None
+
+
+def relax_function_pass(name: str, make_mutator) -> tvm.transform.Pass:
+    """A module pass running ``make_mutator(mod)`` (a ``PyExprMutator``) over every Relax
+    function of the module; the functions it adds go into the module too."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def rewrite(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mutator = make_mutator(mod)
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return rewrite
 
 
 def dispatch_cpu_gemm(target: tvm.target.Target) -> tvm.transform.Pass:
     """The pass that routes fitting projections to ``nt_gemm``: on bfloat16 dot products where
     the target has AVX512-BF16, else tiled for its vector registers."""
-
-    @tvm.transform.module_pass(opt_level=0, name="DispatchCPUGemm")
-    def dispatch(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        dispatcher = _GemmDispatcher(mod, target)
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                dispatcher.builder_.update_func(gvar, dispatcher.visit_expr(func))
-        return dispatcher.builder_.get()
-
-    return dispatch
+    return relax_function_pass("DispatchCPUGemm", lambda mod: _GemmDispatcher(mod, target))

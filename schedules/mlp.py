@@ -23,8 +23,10 @@ from qwen3c.schedules.cpu_gemm import (
     bound_value,
     call_per_token,
     fits,
-    is_nt_matmul,
+    is_op,
+    nt_matmul_operands,
     projection,
+    relax_function_pass,
     vector_unit,
 )
 
@@ -94,10 +96,6 @@ def swiglu(intermediate: int, dtype: str) -> tirx.PrimFunc:
     return kernel
 
 
-def _is_op(expr: relax.Expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
 @relax.expr_functor.mutator
 class _SwiGLUFuser(relax.PyExprMutator):
     """Rewrites ``multiply(silu(h[0]), h[1])``, ``h = split(y, 2, axis=-1)``, into one
@@ -135,10 +133,10 @@ class _SwiGLUFuser(relax.PyExprMutator):
 
     def _swiglu_input(self, call: relax.Call) -> relax.Expr | None:
         """y when ``call`` is SwiGLU over the two halves of y's last axis (static, float)."""
-        if not _is_op(call, "relax.multiply"):
+        if not is_op(call, "relax.multiply"):
             return None
         silu, up = (bound_value(self, arg) for arg in call.args)
-        if not _is_op(silu, "relax.nn.silu"):
+        if not is_op(silu, "relax.nn.silu"):
             return None
         gate = bound_value(self, silu.args[0])
         if not (isinstance(gate, relax.TupleGetItem) and isinstance(up, relax.TupleGetItem)
@@ -146,7 +144,7 @@ class _SwiGLUFuser(relax.PyExprMutator):
                 and gate.tuple_value.same_as(up.tuple_value)):
             return None
         halves = bound_value(self, gate.tuple_value)
-        if not (_is_op(halves, "relax.split") and len(halves.ty.fields) == 2):
+        if not (is_op(halves, "relax.split") and len(halves.ty.fields) == 2):
             return None
         y = halves.args[0]
         last = y.ty.shape[-1] if isinstance(y.ty, relax.TensorType) else None
@@ -159,14 +157,12 @@ class _SwiGLUFuser(relax.PyExprMutator):
     def _gate_up_projection(self, y: relax.Expr) -> tuple[relax.Expr, relax.Expr] | None:
         """(x, W) when y is a projection x Wᵀ our GEMM takes, cast to W's dtype."""
         matmul = bound_value(self, y)
-        if _is_op(matmul, "relax.astype"):  # back to the weight dtype (none for float32)
+        if is_op(matmul, "relax.astype"):  # back to the weight dtype (none for float32)
             matmul = bound_value(self, matmul.args[0])
-        if not _is_op(matmul, "relax.matmul"):
+        operands = nt_matmul_operands(self, matmul)
+        if operands is None:
             return None
-        transposed = bound_value(self, matmul.args[1])
-        if not is_nt_matmul(matmul, transposed):
-            return None
-        x, weight = matmul.args[0], transposed.args[0]
+        x, weight = operands
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         if not fits(rows, hidden) or x.ty.dtype != dtype or y.ty.dtype != dtype:
             return None
@@ -178,12 +174,4 @@ def fuse_gate_up_silu(target: tvm.target.Target) -> tvm.transform.Pass:
     (before ``dispatch_cpu_gemm``, which would take the projection alone), and any other
     SwiGLU to ``swiglu``."""
 
-    @tvm.transform.module_pass(opt_level=0, name="FuseGateUpSiLU")
-    def fuse(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        fuser = _SwiGLUFuser(mod, target)
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                fuser.builder_.update_func(gvar, fuser.visit_expr(func))
-        return fuser.builder_.get()
-
-    return fuse
+    return relax_function_pass("FuseGateUpSiLU", lambda mod: _SwiGLUFuser(mod, target))

@@ -191,6 +191,7 @@ def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int
     count, base, tokens)``. ``bf16``: ``x`` and ``weight`` are int32 views of bfloat16 read by
     ``bf16_dot.tile``; else ``x`` is float32 and ``weight`` any float dtype."""
     MT = tile_tokens(registers, rows)
+    assert not bf16 or lanes == bf16_dot.LANES, lanes  # the accumulators hold 16 sums
     if bf16:
         tile, single = (bf16_dot.tile(t, rows, depth, token_row, row_of) for t in (MT, 1))
         vector = bf16_dot.WORD
