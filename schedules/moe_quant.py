@@ -18,17 +18,16 @@ from qwen3c.schedules.moe import paired_rows, scatter_add, swiglu_store
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
-    TILE_TOKENS,
     QuantScheme,
     activation_quantizer,
     tiled_row_dots,
 )
 
 
-def each_expert(num_experts: int, features: int, width: int, rows: int, lanes: int, run):
+def each_expert(num_experts: int, features: int, width: int, run):
     """A TVMScript macro: for each expert with tokens, a parallel task per ``width`` output
     features running ``run`` (``tiled_row_dots``) over the expert's grouped rows."""
-    E, MT, tasks = num_experts, TILE_TOKENS, (features + width - 1) // width
+    E, tasks = num_experts, (features + width - 1) // width
 
     @T.macro
     def each(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order):
@@ -38,11 +37,8 @@ def each_expert(num_experts: int, features: int, width: int, rows: int, lanes: i
                     with T.sblock("rows"):
                         T.reads()  # independent tasks; nothing schedules this block
                         T.writes()
-                        acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="local")
-                        sums = T.sblock_alloc_buffer((MT, lanes), "int32", scope="local")
-                        dots = T.sblock_alloc_buffer((MT, rows), "float32", scope="local")
                         run(q, scale, xa, x_scale, x_offset, e, task * width, offsets[e],
-                            offsets[e + 1] - offsets[e], acc, sums, dots, dst, routing, order)
+                            offsets[e + 1] - offsets[e], dst, routing, order)
 
     return each
 
@@ -59,7 +55,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     quantize = activation_quantizer(scheme, H)
     run = tiled_row_dots(scheme, H, 2 * P, vnni, paired_rows(I, P), True,
                          swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
-    experts = each_expert(E, I, P, 2 * P, scheme.lanes(H), run)
+    experts = each_expert(E, I, P, run)
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up(var_x: T.handle, q: T.Buffer((E, QN, QH), "uint8"),
@@ -93,7 +89,7 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     quantize = activation_quantizer(scheme, I)
     run = tiled_row_dots(scheme, I, NG, vnni, lambda base, j: T.min(base + j, H - 1), True,
                          scatter_add(H, NG, K), NG)
-    experts = each_expert(E, H, NG, NG, scheme.lanes(I), run)
+    experts = each_expert(E, H, NG, run)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, q: T.Buffer((E, QN, QI), "uint8"),

@@ -48,6 +48,7 @@ from tvm.target import codegen
 
 from qwen3c.schedules.moe import same_row
 from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
+from qwen3c.schedules.scratch import stack_buffer
 
 SCALE_DTYPE = "bfloat16"
 INT4_SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below the exact-extreme one
@@ -204,20 +205,20 @@ def activation_quantizer(scheme: QuantScheme, k: int):
             with T.sblock("quantize_x"):
                 T.reads()  # independent groups; nothing schedules this block
                 T.writes()
-                top = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                total = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                top = stack_buffer((1,), "float32")
+                total = stack_buffer((1,), "int32")
                 top[0] = T.float32(0)
                 for i in range(G):
                     top[0] = T.max(top[0], T.abs(T.Cast("float32", x[src, group * G + i])))
                 x_scale[r, group] = top[0] / T.float32(127)
-                inverse = T.if_then_else(top[0] > T.float32(0), T.float32(127) / top[0],
-                                         T.float32(0))
+                inverse: T.let = T.if_then_else(top[0] > T.float32(0),
+                                                T.float32(127) / top[0], T.float32(0))
                 total[0] = 0
                 for i in range(G):
-                    level = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
-                                                   * inverse))
-                    xa[r, _position(group, i, scheme, LANES)] = level
-                    total[0] = total[0] + T.Cast("int32", level)
+                    at: T.let = _position(group, i, scheme, LANES)
+                    xa[r, at] = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
+                                                       * inverse))
+                    total[0] = total[0] + T.Cast("int32", xa[r, at])
                 x_offset[r, group] = total[0] * offset
 
     return quantize
@@ -263,9 +264,9 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
 
     @T.macro
     def prefetch(q, e, base, j, block):
-        row = T.min(row_of(base + ahead, j), q.shape[-2] - 1)
+        row: T.let = T.min(row_of(base + ahead, j), q.shape[-2] - 1)
         for line in T.unroll(max(1, BLOCK_BYTES // CACHE_LINE)):
-            byte = block * BLOCK_BYTES + line * CACHE_LINE
+            byte: T.let = block * BLOCK_BYTES + line * CACHE_LINE
             T.evaluate(prefetch_to_l2(T.address_of(q[e, row, byte] if experts else q[row, byte])))
 
     def weight_scale(scale, e, row, group):
@@ -291,12 +292,11 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
 
     @T.macro
     def dot(q, scale, xa, x_scale, x_offset, order, e, base, first, t0, last, acc, sums, dots):
-        for i in T.unroll(tokens):
-            for j in T.unroll(rows):
+        for j in range(rows):
+            for i in T.unroll(tokens):
                 for lane in T.vectorized(LANES):
-                    acc[i, j, lane] = T.float32(0)
-        for block in range(BLOCKS):
-            for j in range(rows):
+                    acc[i, lane] = T.float32(0)
+            for block in range(BLOCKS):
                 for i in T.unroll(tokens):
                     for lane in T.vectorized(LANES):
                         sums[i, lane] = 0
@@ -308,16 +308,15 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
                                          token(order, first, t0, i, last), block, step)
                 for i in T.unroll(tokens):
                     for lane in T.vectorized(LANES):
-                        acc[i, j, lane] = acc[i, j, lane] + T.Cast(
+                        acc[i, lane] = acc[i, lane] + T.Cast(
                             "float32", sums[i, lane]
                             - x_offset[token(order, first, t0, i, last), block * LANES + lane]) * (
                             weight_scale(scale, e, row_of(base, j), block * LANES + lane)
                             * x_scale[token(order, first, t0, i, last), block * LANES + lane])
-        for i in T.unroll(tokens):
-            for j in range(rows):
+            for i in T.unroll(tokens):
                 dots[i, j] = T.float32(0)
                 for lane in range(LANES):
-                    dots[i, j] = dots[i, j] + acc[i, j, lane]
+                    dots[i, j] = dots[i, j] + acc[i, lane]
 
     return dot
 
@@ -336,9 +335,13 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, e
     tile, single = (row_dots(scheme, k, rows, t, vnni, row_of, experts, activation_row,
                              ahead if t == 1 else 0) for t in (MT, 1))
 
+    lanes = scheme.lanes(k)
+
     @T.macro
-    def run(q, scale, xa, x_scale, x_offset, e, base, first, count, acc, sums, dots, dst,
-            routing, order):
+    def run(q, scale, xa, x_scale, x_offset, e, base, first, count, dst, routing, order):
+        acc = stack_buffer((MT, lanes), "float32")  # per row: float32 sums of its groups
+        sums = stack_buffer((MT, lanes), "int32")  # per block: integer sums of its groups
+        dots = stack_buffer((MT, rows), "float32")
         if count >= MT:
             for t in range((count + MT - 1) // MT):
                 tile(q, scale, xa, x_scale, x_offset, order, e, base, first, t * MT, count - 1,
@@ -360,9 +363,8 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
     token's activations are quantized once, then each task takes ROWS_PER_TASK weight rows
     past all the tokens (``tiled_row_dots``)."""
     assert scheme.fits(n, k), (n, k, scheme)
-    N, K, G, NG, MT = n, k, scheme.group, ROWS_PER_TASK, TILE_TOKENS
+    N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
     QN, QK = scheme.storage_shape(n, k)
-    LANES = scheme.lanes(k)
     quantize = activation_quantizer(scheme, K)
 
     @T.macro
@@ -391,10 +393,6 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
                 with T.sblock("rows"):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
-                    acc = T.sblock_alloc_buffer((MT, NG, LANES), "float32", scope="local")
-                    sums = T.sblock_alloc_buffer((MT, LANES), "int32", scope="local")
-                    dots = T.sblock_alloc_buffer((MT, NG), "float32", scope="local")
-                    run(q, scale, xa, x_scale, x_offset, 0, task * NG, 0, m, acc, sums, dots,
-                        y, None, None)
+                    run(q, scale, xa, x_scale, x_offset, 0, task * NG, 0, m, y, None, None)
 
     return matmul
