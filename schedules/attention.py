@@ -37,6 +37,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
+from qwen3c.schedules.scratch import stack_buffer
 
 KEY_BLOCK = 32  # keys scored at once: two AVX-512 vectors per query row
 TARGET_ROWS = 4  # query rows per task where the group size allows
@@ -163,22 +164,22 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                     T.writes()
                     query = T.sblock_alloc_buffer((R, D), "float32")
                     acc = T.sblock_alloc_buffer((R, D), "float32")
-                    scores = T.sblock_alloc_buffer((R, KB), "float32", scope="local")
-                    partial = T.sblock_alloc_buffer((R, _lanes(D)), "float32", scope="local")
-                    state = T.sblock_alloc_buffer((R, 4), "float32")
-                    sees = T.sblock_alloc_buffer((R,), "int32")  # keys each row sees in all
-                    visible = T.sblock_alloc_buffer((R,), "int32")  # ... in the current block
-                    g = task % num_kv_heads
-                    b = task // num_kv_heads % batch_size
-                    first_token = task // num_kv_heads // batch_size * TOKENS
-                    q_begin = q_indptr[b]
-                    q_count = q_indptr[b + 1] - q_begin
-                    kv_begin = kv_indptr[b]
-                    kv_count = kv_indptr[b + 1] - kv_begin
+                    scores = stack_buffer((R, KB), "float32")
+                    partial = stack_buffer((R, _lanes(D)), "float32")
+                    state = stack_buffer((R, 4), "float32")
+                    sees = stack_buffer((R,), "int32")  # keys each row sees in all
+                    visible = stack_buffer((R,), "int32")  # ... in the current block
+                    g: T.let = task % num_kv_heads
+                    b: T.let = task // num_kv_heads % batch_size
+                    first_token: T.let = task // num_kv_heads // batch_size * TOKENS
+                    q_begin: T.let = q_indptr[b]
+                    q_count: T.let = q_indptr[b + 1] - q_begin
+                    kv_begin: T.let = kv_indptr[b]
+                    kv_count: T.let = kv_indptr[b + 1] - kv_begin
                     if first_token < q_count:
                         for r in range(R):
                             # rows past the sequence's end repeat its last token; not stored
-                            t = T.min(first_token + r // G, q_count - 1)
+                            t: T.let = T.min(first_token + r // G, q_count - 1)
                             sees[r] = T.if_then_else(causal > 0, kv_count - q_count + t + 1,
                                                      kv_count)
                             state[r, 0] = T.float32(-3.0e38)
@@ -241,18 +242,18 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                 T.writes()
                 query = T.sblock_alloc_buffer((G, D), "float32")
                 acc = T.sblock_alloc_buffer((G, D), "float32")
-                scores = T.sblock_alloc_buffer((G, KB), "float32", scope="local")
-                partial = T.sblock_alloc_buffer((G, _lanes(D)), "float32", scope="local")
+                scores = stack_buffer((G, KB), "float32")
+                partial = stack_buffer((G, _lanes(D)), "float32")
                 keys_t = T.sblock_alloc_buffer((1, D, KB), "float32")
                 values = T.sblock_alloc_buffer((1, KB, D), "float32")
-                state = T.sblock_alloc_buffer((G, 4), "float32")
-                visible = T.sblock_alloc_buffer((G,), "int32")
-                b = task // num_kv_heads
-                g = task % num_kv_heads
-                first_page = page_indptr[b]
-                page_count = page_indptr[b + 1] - first_page
-                length = T.if_then_else(page_count > 0,
-                                        (page_count - 1) * P + last_page_len[b], 0)
+                state = stack_buffer((G, 4), "float32")
+                visible = stack_buffer((G,), "int32")
+                b: T.let = task // num_kv_heads
+                g: T.let = task % num_kv_heads
+                first_page: T.let = page_indptr[b]
+                page_count: T.let = page_indptr[b + 1] - first_page
+                length: T.let = T.if_then_else(page_count > 0,
+                                                (page_count - 1) * P + last_page_len[b], 0)
                 for r in range(G):
                     # a phantom key of score -5e4 and value 0 (as TVM's kernel): a sequence
                     # with no pages at this level of a shared prefix gets output 0 and an lse
@@ -265,8 +266,8 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                         acc[r, i] = T.float32(0)
                 for block in range((length + KB - 1) // KB):
                     for j in range(KB):
-                        key = T.min(block * KB + j, length - 1)
-                        page = page_values[first_page + key // P]
+                        key: T.let = T.min(block * KB + j, length - 1)
+                        page: T.let = page_values[first_page + key // P]
                         for i in range(D):
                             keys_t[0, i, j] = T.Cast("float32", pages[page, 0, g, key % P, i])
                         for i in T.vectorized(D):

@@ -37,6 +37,7 @@ from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot, moe
 from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
+from qwen3c.schedules.scratch import stack_buffer
 
 GEMV_LANES = 16  # partial sums per decoded row (a multiple of every machine vector width)
 PANEL_VECTORS = 4  # machine vectors of weight rows per prefill panel
@@ -90,7 +91,7 @@ def gemv(n: int, k: int, dtype: str):
         for nb in T.parallel(N // NG):
             for t, j in T.grid(m, NG):
                 with T.sblock("gemv_row"):
-                    acc = T.sblock_alloc_buffer((GEMV_LANES,), OUT_DTYPE, scope="local")
+                    acc = stack_buffer((GEMV_LANES,), OUT_DTYPE)
                     for lane in T.vectorized(GEMV_LANES):
                         acc[lane] = T.float32(0)
                     for line in range(KG // per_line):
@@ -135,9 +136,11 @@ def dot_tiles(n: int, tile, tokens: int, rows: int, lanes: int, vector: str,
             with T.sblock("dot_tiles"):
                 T.reads()  # independent tasks; nothing schedules this block
                 T.writes()
-                acc = T.sblock_alloc_buffer((tokens, rows, lanes), OUT_DTYPE, scope="local")
-                wv = T.sblock_alloc_buffer((rows, lanes), vector, scope="local")
-                sums = T.sblock_alloc_buffer((tokens, rows), OUT_DTYPE, scope="local")
+                # up to 1.5 KB: too large for the stack (schedules/scratch.py), so the workspace
+                # pool serves it, once per task of COLS_PER_GEMV rows and all the tokens
+                acc = T.sblock_alloc_buffer((tokens, rows, lanes), OUT_DTYPE, scope="global")
+                wv = stack_buffer((rows, lanes), vector)
+                sums = stack_buffer((tokens, rows), OUT_DTYPE)
                 for mb in range((m + tokens - 1) // tokens):
                     for g in range(NG // rows):
                         tile(x, w, 0, None, 0, mb * tokens, m - 1, task * NG + g * rows, sums,

@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot
 from qwen3c.schedules.fast_math import sigmoid
+from qwen3c.schedules.scratch import stack_buffer
 
 ROWS = 16
 
@@ -111,14 +112,14 @@ def moe_group(num_experts: int, top_k: int) -> tirx.PrimFunc:
             for e in range(E + 1):
                 offsets[e] = 0
             for t, s in T.grid(n, K):
-                local = T.Cast("int64", experts[t, s]) - first[0]
+                local: T.let = T.Cast("int64", experts[t, s]) - first[0]
                 if local >= 0 and local < E:
                     offsets[local + 1] = offsets[local + 1] + 1
             for e in range(E):
                 offsets[e + 1] = offsets[e + 1] + offsets[e]
                 cursor[e] = offsets[e]
             for t, s in T.grid(n, K):
-                local = T.Cast("int64", experts[t, s]) - first[0]
+                local: T.let = T.Cast("int64", experts[t, s]) - first[0]
                 if local >= 0 and local < E:
                     order[cursor[local]] = T.Cast("int32", t * T.int64(K) + T.int64(s))
                     cursor[local] = cursor[local] + 1
@@ -203,18 +204,20 @@ def expert_rows(features: int, width: int, rows: int, lanes: int, registers: int
 
     @T.macro
     def run(x, weight, offsets, e, dst, routing, order):
-        first = offsets[e]
-        count = offsets[e + 1] - offsets[e]
+        first: T.let = offsets[e]
+        count: T.let = offsets[e + 1] - offsets[e]
         for task in T.parallel((units + per_task - 1) // per_task):
             with T.sblock("expert_rows"):
                 T.reads()  # independent tasks; nothing schedules this block
                 T.writes()
-                acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="local")
-                wv = T.sblock_alloc_buffer((rows, lanes), vector, scope="local")
-                sums = T.sblock_alloc_buffer((MT, rows), "float32", scope="local")
+                # up to 1.5 KB: too large for the stack (schedules/scratch.py), so the workspace
+                # pool serves it, once per task
+                acc = T.sblock_alloc_buffer((MT, rows, lanes), "float32", scope="global")
+                wv = stack_buffer((rows, lanes), vector)
+                sums = stack_buffer((MT, rows), "float32")
                 for u in range(per_task):
                     if task * per_task + u < units:
-                        base = (task * per_task + u) * width
+                        base: T.let = (task * per_task + u) * width
                         if count >= MT:
                             for t in range((count + MT - 1) // MT):
                                 tile(x, weight, e, order, first, t * MT, count - 1, base, sums,

@@ -19,6 +19,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qwen3c.schedules.scratch import stack_buffer
+
 
 def split_rotary(theta: float, head_dim: int, q_heads: int, kv_heads: int,
                  dtype: str) -> tirx.PrimFunc:
@@ -58,11 +60,11 @@ def split_rotary(theta: float, head_dim: int, q_heads: int, kv_heads: int,
             with T.sblock("token"):
                 T.reads()  # a task per token; nothing schedules this block
                 T.writes()
-                cos = T.sblock_alloc_buffer((HALF,), "float32", scope="local")
-                sin = T.sblock_alloc_buffer((HALF,), "float32", scope="local")
+                cos = stack_buffer((HALF,), "float32")
+                sin = stack_buffer((HALF,), "float32")
                 if apply_rope > 0:
                     for j in range(HALF):
-                        angle = T.Cast("float32", position_map[s]) / T.pow(
+                        angle: T.let = T.Cast("float32", position_map[s]) / T.pow(
                             T.float32(theta), T.Cast("float32", j * 2) / T.float32(D))
                         cos[j] = T.cos(angle)
                         sin[j] = T.sin(angle)
