@@ -234,3 +234,83 @@ def test_fast_sigmoid_matches_numpy():
         expected = 1 / (1 + np.exp(-x.astype(np.float64)))
     # relative error grows with |x| (x log2(e) is rounded); below 2^-126 results flush to it
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1.2e-38)
+
+
+def workspace_calls_in_tasks(kernel: tirx.PrimFunc) -> list[str]:
+    """The buffers a built kernel takes from TVM's workspace pool inside its parallel tasks
+    (calls through ``__TVMBackendAllocWorkspace`` in the ``__tvm_parallel_lambda`` functions)."""
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    ir = tvm.tirx.build(kernel.with_attr("global_symbol", "kernel"),
+                        target=target).inspect_source("ll")
+    found, in_task, pool = [], False, set()
+    for line in ir.splitlines():
+        if line.startswith("define"):
+            in_task, pool = "@__tvm_parallel_lambda" in line, set()
+        elif "= load ptr, ptr @__TVMBackendAllocWorkspace" in line:
+            pool.add(line.split("=")[0].strip())
+        elif in_task and "call" in line and any(f" {p}(" in line for p in pool):
+            found.append(line.split("=")[0].strip())
+    return found
+
+
+def test_decode_kernels_take_no_workspace_per_task():
+    """The decode GEMVs' per-task scratch stays on the stack (schedules/scratch.py): a pool
+    allocation per task took 8 % of a q4 decode step."""
+    from qwen3c.schedules.quant import QuantScheme, quantized_matmul
+
+    for kernel in (quantized_matmul(64, 512, QuantScheme(4, 32), "bfloat16", False),
+                   quantized_matmul(64, 512, QuantScheme(8, 32), "bfloat16", False),
+                   float_gemv(64, 512, "bfloat16")):
+        assert workspace_calls_in_tasks(kernel) == []
+    # the check sees them where they are: TVMScript's `x = expr` is a pool-served scalar
+    assert workspace_calls_in_tasks(scalar_in_task()) == ["%scalar"]
+
+
+def float_gemv(n: int, k: int, dtype: str) -> tirx.PrimFunc:
+    """The decode path of ``nt_gemm`` alone (its prefill tiles keep a 1.5 KB pool buffer)."""
+    from tvm.script import tirx as T
+
+    from qwen3c.schedules.cpu_gemm import gemv
+
+    run = gemv(n, k, dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, w: T.Buffer((n, k), dtype), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(k)), dtype)
+        y = T.match_buffer(var_y, (m, T.int64(n)), "float32")
+        run(x, w, y, m)
+
+    return kernel
+
+
+def scalar_in_task() -> tirx.PrimFunc:
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((64,), "float32")):
+        T.func_attr({"tirx.is_scheduled": True})
+        for task in T.parallel(64):
+            with T.sblock("task"):
+                T.reads()
+                T.writes()
+                scalar = x[task] * T.float32(2)
+                x[task] = scalar + T.float32(1)
+
+    return kernel
+
+
+def test_stack_buffer_refuses_what_would_not_be_on_the_stack():
+    from tvm.script import tirx as T
+
+    from qwen3c.schedules.scratch import stack_buffer
+
+    with pytest.raises(tvm.error.DiagnosticError, match="would not be on the stack"):
+        @T.prim_func(private=True, s_tir=True)
+        def kernel(x: T.Buffer((64,), "float32")):
+            for task in T.parallel(64):
+                with T.sblock("task"):
+                    scratch = stack_buffer((16, 16), "float32")
+                    scratch[0, 0] = x[task]
