@@ -6,10 +6,10 @@ For query row q of head h (KV head g = h // group), over the keys it may see,
     out = Σ_j 2^(s_j - m) v_j / Σ_j 2^(s_j - m),   lse = m + log2 Σ_j 2^(s_j - m)
 
 TVM's CPU kernel runs this as one serial loop nest on one core, rescaling the output after
-every key and computing the masked half too. Here the keys and values are converted to float32
-once per call (keys transposed), and a parallel task takes the query rows that read the same
-keys (the query heads of one KV head, for a few consecutive tokens) and walks the keys in
-blocks of KEY_BLOCK with an online softmax (flash attention's running max and sum per row):
+every key and computing the masked half too. Here (prefill) the keys and values are converted
+to float32 once per call (keys transposed), and a parallel task takes the query rows that read
+the same keys (the query heads of one KV head, for a few consecutive tokens) and walks the keys
+in blocks of KEY_BLOCK with an online softmax (flash attention's running max and sum per row):
 
 - with the keys transposed, the scores of all rows are an outer-product update per head
   dimension: rows x KEY_BLOCK accumulators in vector registers, no horizontal sums, no chain
@@ -24,11 +24,12 @@ The kernel keeps TVM's signature (``_attention_prefill_ragged_cpu``) so the cach
 unchanged. RoPE must have been applied before it (the cache's "normal" RoPE mode): it refuses
 ``rotary_mode`` 1 at run time.
 
-Decode (``paged_decode_attention``) uses the same block step: a task per KV head of a sequence
-gathers each block of keys and values from the cache's pages. Alone it takes 0.53 against
-TVM's 0.58 ms per layer at 1024 tokens of context and 0.025 against 0.054 at 100; in the model
-(where it was slower until every kernel got distinct-buffer alias info, ``targets/noalias.py``)
-decode at 1024 tokens of context goes from 11.9 to 14.3 tok/s.
+Decode (``paged_decode_attention``) uses the same online softmax: a task per KV head of a
+sequence scores each key straight from the cache's pages (a dot product per query row) and
+converts each block of values to float32. On the Intel host of an earlier session, with keys
+gathered transposed, it took 0.53 against TVM's 0.58 ms per layer at 1024 tokens of context
+and 0.025 against 0.054 at 100; on the Zen 5 host, scoring from the pages took it from 0.225 to
+0.092 ms at 1000 keys and from 0.030 to 0.014 ms at 100 (8 KV heads of 128, 2 threads).
 """
 
 from __future__ import annotations
@@ -48,15 +49,14 @@ def _lanes(head_dim: int) -> int:
     return next(width for width in (16, 8, 4, 2, 1) if head_dim % width == 0)
 
 
-def _attend_block(rows: int, head_dim: int):
-    """A TVMScript macro folding one block of float32 keys (``keys_t[head, D, base + j]``,
-    transposed) and values (``values[head, base + j, D]``) into ``rows`` rows' running state:
-    ``state[r]`` is the running max, the running sum, the block's max and the rescale factor;
-    row r sees the first ``visible[r]`` keys of the block (the rest must be finite)."""
-    R, D, KB, VL = rows, head_dim, KEY_BLOCK, _lanes(head_dim)
+def _score_block(rows: int, head_dim: int):
+    """A TVMScript macro: ``scores[r, j]`` = query row r · key ``base + j`` of a block, from
+    float32 keys transposed (``keys_t[head, D, base + j]``): an outer-product update per head
+    dimension, rows x KEY_BLOCK accumulators in vector registers."""
+    R, D, KB = rows, head_dim, KEY_BLOCK
 
     @T.macro
-    def attend(query, acc, state, scores, keys_t, values, head, base, visible, partial):
+    def score(query, scores, keys_t, head, base):
         for r in T.unroll(R):
             for j in T.vectorized(KB):
                 scores[r, j] = T.float32(0)
@@ -64,6 +64,19 @@ def _attend_block(rows: int, head_dim: int):
             for r in T.unroll(R):
                 for j in T.vectorized(KB):
                     scores[r, j] = scores[r, j] + query[r, i] * keys_t[head, i, base + j]
+
+    return score
+
+
+def _fold_block(rows: int, head_dim: int):
+    """A TVMScript macro folding one block's ``scores`` and float32 values (``values[head,
+    base + j, D]``) into ``rows`` rows' running state: ``state[r]`` is the running max, the
+    running sum, the block's max and the rescale factor; row r sees the first ``visible[r]``
+    keys of the block (the rest must be finite)."""
+    R, D, KB, VL = rows, head_dim, KEY_BLOCK, _lanes(head_dim)
+
+    @T.macro
+    def fold(acc, state, scores, values, head, base, visible, partial):
         for r in T.unroll(R):
             state[r, 2] = state[r, 0]
             for j in range(KB):
@@ -90,7 +103,7 @@ def _attend_block(rows: int, head_dim: int):
                 for lane in T.vectorized(VL):
                     acc[r, chunk * VL + lane] = partial[r, lane]
 
-    return attend
+    return fold
 
 
 def _store_row(head_dim: int, dtype: str):
@@ -115,7 +128,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
     H, D, G, KB = num_heads, head_dim, num_heads // num_kv_heads, KEY_BLOCK
     TOKENS = max(1, TARGET_ROWS // G)
     R = TOKENS * G
-    attend, store = _attend_block(R, D), _store_row(D, dtype)
+    score, fold, store = _score_block(R, D), _fold_block(R, D), _store_row(D, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -192,8 +205,9 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                         for block in range((sees[R - 1] + KB - 1) // KB):
                             for r in range(R):
                                 visible[r] = T.max(0, T.min(KB, sees[r] - block * KB))
-                            attend(query, acc, state, scores, keys_t, values, g,
-                                   kv_begin + block * KB, visible, partial)
+                            score(query, scores, keys_t, g, kv_begin + block * KB)
+                            fold(acc, state, scores, values, g, kv_begin + block * KB, visible,
+                                 partial)
                         for r in range(R):
                             if first_token + r // G < q_count:
                                 store(output, lse, acc, state, r,
@@ -206,11 +220,15 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                            page_size: int = 16) -> tirx.PrimFunc:
     """One new token per sequence attends to its whole context in the cache's pages
     (``pages[page, 0 = key | 1 = value, KV head, slot, D]``). A task is one KV head of one
-    sequence: the query heads that share it are the rows, and each block of KEY_BLOCK keys is
-    gathered from the pages into float32 scratch (keys transposed) before ``_attend_block``.
-    Keys past the context repeat its last key, and the rows see none of them."""
+    sequence: the query heads that share it are the rows. Each key of a block of KEY_BLOCK is
+    scored straight from its page (a dot product per row in VL-wide partial sums, then summed
+    across lanes), and its values are converted into float32 scratch for ``_fold_block``.
+    Gathering the keys transposed instead, as prefill's scoring wants, cost a scalar store per
+    element: that made the kernel 3x slower than the memory at 1000 keys. Keys past the
+    context repeat its last key, and the rows see none of them."""
     H, D, G, P, KB = num_heads, head_dim, num_heads // num_kv_heads, page_size, KEY_BLOCK
-    attend, store = _attend_block(G, D), _store_row(D, dtype)
+    VL = _lanes(D)
+    fold, store = _fold_block(G, D), _store_row(D, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
@@ -244,7 +262,7 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                 acc = T.sblock_alloc_buffer((G, D), "float32")
                 scores = stack_buffer((G, KB), "float32")
                 partial = stack_buffer((G, _lanes(D)), "float32")
-                keys_t = T.sblock_alloc_buffer((1, D, KB), "float32")
+                dots = stack_buffer((G, VL), "float32")
                 values = T.sblock_alloc_buffer((1, KB, D), "float32")
                 state = stack_buffer((G, 4), "float32")
                 visible = stack_buffer((G,), "int32")
@@ -268,13 +286,24 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                     for j in range(KB):
                         key: T.let = T.min(block * KB + j, length - 1)
                         page: T.let = page_values[first_page + key // P]
-                        for i in range(D):
-                            keys_t[0, i, j] = T.Cast("float32", pages[page, 0, g, key % P, i])
+                        for r in T.unroll(G):
+                            for lane in T.vectorized(VL):
+                                dots[r, lane] = T.float32(0)
+                        for chunk in range(D // VL):
+                            for r in T.unroll(G):
+                                for lane in T.vectorized(VL):
+                                    dots[r, lane] = dots[r, lane] + query[
+                                        r, chunk * VL + lane] * T.Cast(
+                                        "float32", pages[page, 0, g, key % P, chunk * VL + lane])
+                        for r in T.unroll(G):
+                            scores[r, j] = T.float32(0)
+                            for lane in range(VL):
+                                scores[r, j] = scores[r, j] + dots[r, lane]
                         for i in T.vectorized(D):
                             values[0, j, i] = T.Cast("float32", pages[page, 1, g, key % P, i])
                     for r in range(G):
                         visible[r] = T.min(KB, length - block * KB)
-                    attend(query, acc, state, scores, keys_t, values, 0, 0, visible, partial)
+                    fold(acc, state, scores, values, 0, 0, visible, partial)
                 for r in range(G):
                     store(output, lse, acc, state, r, b, g * G + r)
 
