@@ -189,15 +189,16 @@ def gather_vocab(logits: Tensor, shards: int) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · w over the last axis, with the statistics in float32 as HF computes them."""
+    """x / rms(x) · w over the last axis, with the statistics in float32 as HF computes them.
+    The weight is stored in float32 (exact for 16-bit checkpoints): converting it on every
+    call was three kernel launches per layer and token."""
 
-    def __init__(self, size: int, eps: float, dtype: str):
-        self.weight = nn.Parameter((size,), dtype)
+    def __init__(self, size: int, eps: float):
+        self.weight = nn.Parameter((size,), ACCUMULATE)
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = op.rms_norm(x.astype(ACCUMULATE), self.weight.astype(ACCUMULATE),
-                             axes=-1, epsilon=self.eps)
+        normed = op.rms_norm(x.astype(ACCUMULATE), self.weight, axes=-1, epsilon=self.eps)
         return normed.astype(x.dtype)
 
 
@@ -215,8 +216,8 @@ class Qwen3Attention(nn.Module):
         for qkv_param in filter(None, (self.qkv_proj.weight, self.qkv_proj.bias)):
             shard(qkv_param, 0, q_rows, kv_rows, kv_rows)
         shard(self.o_proj.weight, 1)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, build.dtype)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, build.dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         batch, seq_len, _ = x.shape
@@ -360,9 +361,9 @@ class Qwen3MoeBlock(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3Config, build: Build, layer_id: int):
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, build.dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.self_attn = Qwen3Attention(config, build)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, build.dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.is_moe = config.is_moe_layer(layer_id)
         mlp = Qwen3MoeBlock if self.is_moe else Qwen3MLP
         self.mlp = mlp(config, build)
@@ -380,7 +381,7 @@ class Qwen3Model(nn.Module):
                                       build.parallel.vocab_shards(config.vocab_size))
         self.layers = nn.ModuleList([Qwen3DecoderLayer(config, build, i)
                                      for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, build.dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache,
                 router_stats: RouterStats | None = None) -> Tensor:
