@@ -30,8 +30,9 @@ removed as offset · Σx per group, once per token. G must be a multiple of 8.
 ``quantize`` (numpy) makes them at compile time. ``quantized_matmul`` computes y = x Wᵀ for any
 number of tokens: for prefill too it beat rebuilding W and running the float32 GEMM of
 ``cpu_gemm.py`` (6144x1024, q4, 2 threads: 2.4 vs 8.2 ms at 32 tokens, 5.1 vs 15.7 ms at 128;
-now 0.9 and 3.2 ms), since a task's weight rows stay in L1 while the tokens pass over them, two
-at a time so that each weight vector is loaded (and, for 4 bits, unpacked) once for both.
+later 0.9 and 3.2 ms; on the Zen 5 host 0.8 and 2.8 ms), since a task's weight rows stay in L1
+while the tokens pass over them, TILE_TOKENS at a time so that each weight vector is loaded
+(and, for 4 bits, unpacked) once for all of them.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows
 #                   tokens 1.15x faster than 8)
 MAX_LANES = 16  # groups per block, at most: one int32 lane of the dot products each
 DOT = 4  # products per lane of one dot product
-TILE_TOKENS = 2  # tokens sharing each weight vector (6144x1024 at 128 tokens, 2 threads:
-#                 q4 5.1 -> 3.7 ms, q8 4.4 -> 3.6 against 1; 3 or 4 measured slower than 2)
+TILE_TOKENS = 3  # tokens sharing each weight vector. 6144x1024 at 128 tokens, 2 threads, Zen 5,
+#                 q4 / q8: 2 tokens 3.58 / 3.46 ms, 3 tokens 2.82 / 2.98, 4 tokens 2.93 / 3.20
+#                 (at 32 tokens 4 is 3 % ahead of 3). Before the accumulator shrank to one row
+#                 (Intel host), 3 or 4 measured slower than 2.
 
 
 @dataclasses.dataclass(frozen=True)
