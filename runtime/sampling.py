@@ -53,25 +53,28 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, prompt: list[int] | None = None,
                  output: list[int] | None = None) -> int:
-        p = self.params
-        if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
-            logits = self._penalised(logits.astype(np.float64), prompt or [], output or [])
-        if p.temperature == 0:
-            # float32 is enough to pick the largest; a float64 copy of a 151,936-entry row
-            # per token cost 2.7 % of a MoE decode step in fresh pages the kernel zeroed
-            return int(np.argmax(logits))
+        logits = self._penalised(logits, prompt or [], output or [])
+        if self.params.temperature == 0:
+            return int(np.argmax(logits))  # the same token in float32: no copy needed
         candidates, probs = self._distribution(np.asarray(logits, np.float64))
         return int(candidates[self._rng.choice(len(candidates), p=probs)])
 
     def _penalised(self, logits: np.ndarray, prompt: list[int],
                    output: list[int]) -> np.ndarray:
+        """A float64 copy of ``logits`` with the penalties applied; ``logits`` itself where
+        none applies (the row is the VM's output: it must not be written)."""
         p = self.params
-        if p.repetition_penalty != 1 and (prompt or output):
+        repeated = p.repetition_penalty != 1 and (prompt or output)
+        counted = (p.presence_penalty or p.frequency_penalty) and output
+        if not (repeated or counted):
+            return logits
+        logits = logits.astype(np.float64)
+        if repeated:
             seen = np.unique(np.asarray(prompt + output))
             values = logits[seen]
             logits[seen] = np.where(values > 0, values / p.repetition_penalty,
                                     values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and output:
+        if counted:
             counts = Counter(output)
             tokens = np.fromiter(counts, dtype=np.int64)
             occurrences = np.fromiter(counts.values(), dtype=np.float64)

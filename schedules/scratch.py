@@ -2,8 +2,8 @@
 
 TVM 0.27 lowers a buffer of scope "local" on a CPU target, and one of scope "global" of 1 KB
 or more, to a ``TVMBackendAllocWorkspace`` / ``TVMBackendFreeWorkspace`` pair around its scope:
-a workspace-pool search per call. Inside a parallel task that runs once per task (the int8
-lm_head of the 0.6B model has 9,496), and took 8 % of a q4 decode step's CPU time in perf.
+a workspace-pool search per call. Inside a parallel loop that is a pair per task (the int8
+lm_head of the 0.6B model has 9,496 tasks), and took 8 % of a q4 decode step's CPU time in perf.
 Only a "global" buffer under 1 KB becomes a stack slot, which LLVM can also keep in registers.
 The same holds for TVMScript's ``x = expr``, which in 0.27 declares a mutable scalar buffer of
 scope "local": our kernels bind values with ``x: T.let = expr`` instead.
