@@ -68,6 +68,9 @@ def main() -> None:
               help="Store the projections as group-wise int8 or int4 (lm_head int8).")
 @click.option("--quant-group", type=int, default=32, show_default=True,
               help="Weights per quantization scale.")
+@click.option("--quant-head", type=click.Choice(["q8", "q4"]), default=None,
+              help="With --quant: the lm_head's integers (default q8; q4 reads half the bytes "
+              "and moves the logits more).")
 @click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
               help="Replay the schedules `qwen3c tune` wrote into this directory.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
@@ -75,7 +78,7 @@ def main() -> None:
 def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
                     context_length: int | None, prefill_chunk: int | None, output: Path,
                     tensor_parallel: int, expert_parallel: bool, quant: str | None,
-                    quant_group: int, tuning_records: Path | None,
+                    quant_group: int, quant_head: str | None, tuning_records: Path | None,
                     dump_ir: Path | None) -> None:
     """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
     from qwen3c.compile import compile_model
@@ -85,10 +88,10 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
                         cpu=cpu, context_length=context_length,
                         prefill_chunk_size=prefill_chunk, tensor_parallel=tensor_parallel,
                         expert_parallel=expert_parallel, quant=quant, quant_group=quant_group,
-                        tuning_records=tuning_records, dump_ir=dump_ir)
+                        quant_head=quant_head, tuning_records=tuning_records, dump_ir=dump_ir)
     _, manifest = read_manifest(out)
     shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
-    shards += f", {quant} (group {quant_group})" if quant else ""
+    shards += f", {_short_quant(manifest.quant)}" if manifest.quant else ""
     shards += _describe_tuning(manifest.tuning)
     click.echo(f"compiled {model_dir} -> {out / 'model.so'} "
                f"({manifest.target.name}/{manifest.target.arch}/{manifest.target.cpu}, "
@@ -291,11 +294,16 @@ def _describe_offload(offload: dict | None) -> str:
             f"{offload['library'] or 'none'}: {offload['build']}")
 
 
+def _short_quant(quant: dict[str, int]) -> str:
+    return f"q{quant['bits']} (group {quant['group']}, lm_head int{quant['head_bits']})"
+
+
 def _describe_quant(quant: dict[str, int] | None) -> str:
     if quant is None:
         return "no"
-    return (f"projections int{quant['bits']}, lm_head int8, group {quant['group']}, float32 "
-            "scales; embedding, norms, MoE router and experts in the model dtype")
+    return (f"projections and MoE experts int{quant['bits']}, lm_head int{quant['head_bits']}, "
+            f"group {quant['group']}, bfloat16 scales; embedding, norms and MoE router in the "
+            "model dtype")
 
 
 def _shard_layout(manifest) -> list[str]:

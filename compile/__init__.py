@@ -14,7 +14,7 @@ from qwen3c import __version__
 from qwen3c.compile.config import Qwen3Config, load_config
 from qwen3c.compile.model import Build, Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.compile.quantization import DEFAULT_GROUP, parse_scheme, quant_param
+from qwen3c.compile.quantization import DEFAULT_GROUP, parse_quantization, quant_param
 from qwen3c.compile.sharding import Parallelism, shard_spec
 from qwen3c.compile.tuning import (
     TunedKernel,
@@ -50,14 +50,15 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                   context_length: int | None = None, prefill_chunk_size: int | None = None,
                   tensor_parallel: int = 1, expert_parallel: bool = False,
                   quant: str | None = None, quant_group: int = DEFAULT_GROUP,
-                  tuning_records: str | Path | None = None,
+                  quant_head: str | None = None, tuning_records: str | Path | None = None,
                   dump_ir: str | Path | None = None) -> Path:
     """Compile a Qwen3 checkpoint into an artifact directory and return its path.
 
     With ``tensor_parallel`` N > 1 the library holds the functions of one shard (run by each of
     N workers) and the weights are cut into N sets; ``expert_parallel`` partitions MoE experts
     over the shards instead of cutting every expert. ``quant`` ("q8" or "q4") stores the
-    projections as group-wise integers (``compile/quantization.py``). ``tuning_records`` is a
+    projections as group-wise integers (``compile/quantization.py``), the lm_head as int8 or
+    as ``quant_head`` says. ``tuning_records`` is a
     directory written by ``tune_model`` for the same target and CPU.
     """
     started = time.perf_counter()
@@ -68,14 +69,15 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     backend = get_target(target)
     choice = backend.resolve(arch, cpu)
     parallel = Parallelism(tensor_parallel, expert_parallel)
-    scheme = parse_scheme(quant, quant_group)
+    scheme, head_scheme = parse_quantization(quant, quant_group, quant_head)
     tvm_target = backend.tvm_target(choice)
     records = None
     if tuning_records is not None:
         if backend.tuning_phase is None:
             raise TargetError(f"target {backend.name} takes no tuning records")
         records = TuningRecords(Path(tuning_records), tvm_target)
-    mod, named_params = _model_module(config, backend, dtype, parallel, scheme, tvm_target)
+    mod, named_params = _model_module(config, backend, dtype, parallel, scheme, head_scheme,
+                                      tvm_target)
     params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
                         quant_param(p))
               for name, p in named_params]
@@ -110,7 +112,8 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         prefill_chunk_size=prefill_chunk_size,
         entry_points=entry_points,
         parallel=parallel,
-        quant=None if scheme is None else {"bits": scheme.bits, "group": scheme.group},
+        quant=None if scheme is None else {"bits": scheme.bits, "group": scheme.group,
+                                           "head_bits": head_scheme.bits},
         params=tuple(params),
         weight_files=tuple({name: sha256_file(output / name) for name in names}
                            for names in weight_names),
@@ -141,9 +144,10 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
     choice = backend.resolve(None, cpu)
     backend.check_runnable(choice)
     backend.configure_threads(threads)
-    scheme = parse_scheme(quant, quant_group)
+    scheme, head_scheme = parse_quantization(quant, quant_group, None)
     tvm_target = backend.tvm_target(choice)
-    mod, _ = _model_module(config, backend, dtype, Parallelism(1, False), scheme, tvm_target)
+    mod, _ = _model_module(config, backend, dtype, Parallelism(1, False), scheme, head_scheme,
+                           tvm_target)
     phases = phases_until(backend.pipeline(tvm_target), backend.tuning_phase)
     mod = run_pipeline(mod, phases, tvm_target)
     records_dir = Path(records_dir)
@@ -155,7 +159,8 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
 
 
 def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Parallelism,
-                  scheme: QuantScheme | None, tvm_target: tvm.target.Target
+                  scheme: QuantScheme | None, head_scheme: QuantScheme | None,
+                  tvm_target: tvm.target.Target
                   ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
     """The model as a Relax module, after checking the target can build it this way."""
     if dtype not in NUMPY_DTYPES:
@@ -167,7 +172,8 @@ def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Pa
         backend.check_quantization(scheme, parallel)
     with tvm_target:
         model = Qwen3ForCausalLM(
-            config, Build(dtype, parallel, scheme, gpu=tvm_target.kind.name == "cuda"))
+            config, Build(dtype, parallel, scheme, head_scheme,
+                          gpu=tvm_target.kind.name == "cuda"))
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     return mod, named_params
 

@@ -37,7 +37,7 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 from tvm.target import Target
 
 from qwen3c.compile.config import Qwen3Config
-from qwen3c.compile.quantization import HEAD_BITS, mark_quantized
+from qwen3c.compile.quantization import mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import bf16_dot, moe, moe_gpu, moe_quant, quant, vector_unit
 from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
@@ -130,11 +130,13 @@ def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, h
 @dataclasses.dataclass(frozen=True)
 class Build:
     """What this copy of the model is: its storage dtype, the shard it computes, the
-    quantization of its projections, and whether its own kernels run on a GPU."""
+    quantization of its projections and of its lm_head, and whether its own kernels run on a
+    GPU."""
 
     dtype: str
     parallel: Parallelism = SINGLE_DEVICE
     quant: QuantScheme | None = None
+    head_quant: QuantScheme | None = None
     gpu: bool = False  # MoE kernels with thread bindings (schedules/moe_gpu.py)
 
 
@@ -403,9 +405,9 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(config, build)
         self.vocab_shards = build.parallel.vocab_shards(config.vocab_size)
         rows = config.vocab_size // self.vocab_shards
-        head_scheme = QuantScheme(HEAD_BITS, build.quant.group) if build.quant else None
+        head_scheme = build.head_quant
         if head_scheme and head_scheme.fits(rows, config.hidden_size):
-            # Quantized models get an int8 head, a copy of the embedding table when tied.
+            # A quantized head is a copy of the embedding table when tied.
             self.lm_head = QuantLinear(config.hidden_size, rows, bias=False, dtype=build.dtype,
                                        scheme=head_scheme, out_dtype=ACCUMULATE)
         elif not config.tie_word_embeddings:

@@ -2,11 +2,12 @@
 
 ``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) and
 the MoE experts' gate_up and down as group-wise symmetric integers with bfloat16 scales
-(``schedules/quant.py``, ``schedules/moe_quant.py``), and the lm_head always as int8 (a tied
-head gets its own int8 copy of the embedding table): it is a quarter of the bytes a small model
-reads per token, and its errors land on the logits directly. The embedding lookup, norms and
-the MoE router stay in the model dtype, as does any projection whose sizes the group or the
-kernels' row tiles do not divide.
+(``schedules/quant.py``, ``schedules/moe_quant.py``). The lm_head is int8 unless
+``--quant-head q4`` asks for int4 (a tied head gets its own integer copy of the embedding
+table): it is a quarter to a third of the bytes a small model reads per token, and its errors
+land on the logits directly, so the smaller head is the user's choice, not the default. The
+embedding lookup, norms and the MoE router stay in the model dtype, as does any projection
+whose sizes the group or the kernels' row tiles do not divide.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from qwen3c.schedules.quant import QuantScheme
 
 QUANT_ATTR = "quant"
 SCALE_SUFFIX = "_scale"
-HEAD_BITS = 8
+DEFAULT_HEAD = "q8"
 SCHEMES = {"q8": 8, "q4": 4}
 DEFAULT_GROUP = 32
 
@@ -65,6 +66,18 @@ def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | 
     if group < 8 or group % 8:
         raise ConfigError(f"quantization group size must be a multiple of 8, got {group}")
     return QuantScheme(SCHEMES[name], group)
+
+
+def parse_quantization(name: str | None, group: int, head: str | None
+                       ) -> tuple[QuantScheme | None, QuantScheme | None]:
+    """The schemes of the projections and of the lm_head (int8 unless ``head`` says)."""
+    scheme = parse_scheme(name, group)
+    if scheme is None:
+        if head is not None:
+            raise ConfigError("--quant-head needs --quant: an unquantized model keeps its "
+                              "lm_head in the model dtype")
+        return None, None
+    return scheme, parse_scheme(head or DEFAULT_HEAD, group)
 
 
 def mark_quantized(values: nn.Parameter, scales: nn.Parameter, scheme: QuantScheme) -> None:

@@ -21,7 +21,7 @@ from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
 from qwen3c.targets import TargetChoice, get_target
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 
@@ -50,7 +50,7 @@ class Manifest:
     prefill_chunk_size: int
     entry_points: dict[str, dict[str, Any]]
     parallel: Parallelism
-    quant: dict[str, int] | None  # {"bits", "group"} of the projections, None: not quantized
+    quant: dict[str, int] | None  # {"bits", "group", "head_bits"}, None: not quantized
     params: tuple[ParamInfo, ...]
     weight_files: tuple[dict[str, str], ...]  # per shard: file name -> sha256
     tokenizer_files: tuple[str, ...]
