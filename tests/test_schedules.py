@@ -314,3 +314,54 @@ def test_stack_buffer_refuses_what_would_not_be_on_the_stack():
                 with T.sblock("task"):
                     scratch = stack_buffer((16, 16), "float32")
                     scratch[0, 0] = x[task]
+
+
+class QKNorm(nn.Module):
+    """The q/k-norm chain of our Qwen3Attention over a fused qkv tensor."""
+
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int):
+        from qwen3c.compile.model import RMSNorm
+
+        self.heads = (q_heads, kv_heads)
+        self.q_norm, self.k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
+
+    def forward(self, qkv: nn.Tensor) -> nn.Tensor:
+        q_heads, kv_heads = self.heads
+        q, k, v = nn.op.split(qkv, indices_or_sections=[q_heads, q_heads + kv_heads], axis=2)
+        return nn.op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+
+
+def reference_qk_norm(qkv: np.ndarray, w_q: np.ndarray, w_k: np.ndarray,
+                      q_heads: int, kv_heads: int) -> np.ndarray:
+    x = qkv.astype(np.float32)
+    out = x.copy()
+    for heads, weight in ((slice(0, q_heads), w_q), (slice(q_heads, q_heads + kv_heads), w_k)):
+        part = x[..., heads, :]
+        out[..., heads, :] = part / np.sqrt((part ** 2).mean(-1, keepdims=True) + 1e-6) * weight
+    return out
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_qk_norm_chain_becomes_one_kernel(dtype, tolerance):
+    q_heads, kv_heads, head_dim = 3, 1, 24
+    spec = {"forward": {"qkv": nn.spec.Tensor(["b", "s", q_heads + 2 * kv_heads, head_dim],
+                                              dtype),
+                        "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    module = QKNorm(q_heads, kv_heads, head_dim)
+    mod = run_pipeline(module.export_tvm(spec=spec)[0], backend.pipeline(target), target)
+    names = [gvar.name_hint for gvar in mod.functions]
+    assert any(name.startswith("qk_norm") for name in names), names
+    assert not any("rms_norm" in name or "concatenate" in name for name in names), names
+    vm = relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None), tvm.cpu())
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(4)
+    w_q, w_k = (rng.normal(size=head_dim).astype(np.float32) for _ in range(2))
+    for batch, seq in ((1, 1), (2, 5)):
+        qkv = rng.normal(size=(batch, seq, q_heads + 2 * kv_heads, head_dim)).astype(np_dtype)
+        out = vm["forward"](tvm.runtime.tensor(qkv),
+                            [tvm.runtime.tensor(w_q), tvm.runtime.tensor(w_k)])
+        np.testing.assert_allclose(out.numpy().astype(np.float32),
+                                   reference_qk_norm(qkv, w_q, w_k, q_heads, kv_heads),
+                                   rtol=tolerance, atol=tolerance)
