@@ -31,6 +31,8 @@ generic path.
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
@@ -259,7 +261,7 @@ class _GemmDispatcher(relax.PyExprMutator):
         super().__init__(mod)
         self.target = target
         self.lanes, self.registers = vector_unit(target)
-        self.kernels: dict[tuple[int, int, str], tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -270,12 +272,19 @@ class _GemmDispatcher(relax.PyExprMutator):
         (n, k), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         if not fits(n, k) or x.ty.dtype != dtype:
             return call
-        key = (n, k, dtype)
-        if key not in self.kernels:
-            kernel = nt_gemm(n, k, dtype, self.lanes, self.registers,
-                             bf16_dot.usable(self.target, dtype, k))
-            self.kernels[key] = self.builder_.add_func(kernel, f"nt_gemm_{n}x{k}_{dtype}")
-        return call_per_token(self.builder_, self.kernels[key], x, n, OUT_DTYPE, weight)
+        kernel = kernel_once(self.builder_, self.kernels, ("nt_gemm", f"{n}x{k}", dtype),
+                             lambda: nt_gemm(n, k, dtype, self.lanes, self.registers,
+                                             bf16_dot.usable(self.target, dtype, k)))
+        return call_per_token(self.builder_, kernel, x, n, OUT_DTYPE, weight)
+
+
+def kernel_once(builder: relax.BlockBuilder, kernels: dict[tuple, tvm.ir.GlobalVar],
+                key: tuple, make) -> tvm.ir.GlobalVar:
+    """The module's function for ``key``: ``make()`` added on first use, named after the key
+    (a rewrite pass asks once per layer for the same few kernels)."""
+    if key not in kernels:
+        kernels[key] = builder.add_func(make(), re.sub(r"\W", "_", "_".join(map(str, key))))
+    return kernels[key]
 
 
 def call_per_token(builder: relax.BlockBuilder, kernel: tvm.ir.GlobalVar, x: relax.Expr,

@@ -24,6 +24,7 @@ from qwen3c.schedules.cpu_gemm import (
     call_per_token,
     fits,
     is_op,
+    kernel_once,
     nt_matmul_operands,
     projection,
     relax_function_pass,
@@ -115,21 +116,18 @@ class _SwiGLUFuser(relax.PyExprMutator):
         projection = self._gate_up_projection(y)
         if projection is None:
             intermediate, dtype = int(y.ty.shape[-1]) // 2, y.ty.dtype
-            kernel = self._kernel(("swiglu", intermediate, dtype),
-                                  lambda: swiglu(intermediate, dtype))
+            kernel = kernel_once(self.builder_, self.kernels, ("swiglu", intermediate, dtype),
+                                 lambda: swiglu(intermediate, dtype))
             return call_per_token(self.builder_, kernel, y, intermediate, dtype)
         x, weight = projection
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         intermediate = rows // 2
         bf16 = bf16_dot.usable(self.target, dtype, hidden)
-        kernel = self._kernel(("gate_up_silu", intermediate, hidden, dtype), lambda: gate_up_silu(
-            hidden, intermediate, dtype, *vector_unit(self.target), bf16))
+        kernel = kernel_once(self.builder_, self.kernels,
+                             ("gate_up_silu", intermediate, hidden, dtype),
+                             lambda: gate_up_silu(hidden, intermediate, dtype,
+                                                  *vector_unit(self.target), bf16))
         return call_per_token(self.builder_, kernel, x, intermediate, dtype, weight)
-
-    def _kernel(self, key: tuple, make) -> tvm.ir.GlobalVar:
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(make(), "_".join(map(str, key)))
-        return self.kernels[key]
 
     def _swiglu_input(self, call: relax.Call) -> relax.Expr | None:
         """y when ``call`` is SwiGLU over the two halves of y's last axis (static, float)."""

@@ -16,7 +16,13 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules.cpu_gemm import bound_value, call_per_token, is_op, relax_function_pass
+from qwen3c.schedules.cpu_gemm import (
+    bound_value,
+    call_per_token,
+    is_op,
+    kernel_once,
+    relax_function_pass,
+)
 from qwen3c.schedules.scratch import stack_buffer
 
 FLOATS = ("float32", "float16", "bfloat16")
@@ -80,12 +86,11 @@ class _QKNormFuser(relax.PyExprMutator):
         qkv, w_q, w_k, q_heads, kv_heads, eps = match
         *lead, heads, head_dim = list(qkv.ty.shape)
         heads, head_dim, dtype = int(heads), int(head_dim), qkv.ty.dtype
-        key = ("qk_norm", q_heads, kv_heads, head_dim, eps, dtype)
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(
-                qk_norm(q_heads, kv_heads, head_dim, eps, dtype), "_".join(map(str, key[:4])))
+        kernel = kernel_once(self.builder_, self.kernels,
+                             ("qk_norm", q_heads, kv_heads, head_dim, eps, dtype),
+                             lambda: qk_norm(q_heads, kv_heads, head_dim, eps, dtype))
         rows = self.builder_.emit(relax.op.reshape(qkv, [*lead, heads * head_dim]))
-        normed = self.builder_.emit(call_per_token(self.builder_, self.kernels[key], rows,
+        normed = self.builder_.emit(call_per_token(self.builder_, kernel, rows,
                                                    heads * head_dim, dtype, w_q, w_k))
         return relax.op.reshape(normed, qkv.ty.shape)
 
