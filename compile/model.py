@@ -83,7 +83,8 @@ def quantized_params(rows: int, cols: int, scheme: QuantScheme,
 class QuantLinear(nn.Module):
     """y = x Wᵀ (+ b) with W stored as group-wise integers and bfloat16 scales
     (``schedules/quant.py``), multiplied in integers with the activations rounded to int8 per
-    group, for decode and prefill alike. Sums are float32; the result is in the model dtype."""
+    group, for decode and prefill alike. Sums are float32; the result is in ``out_dtype`` (the
+    model dtype unless given), rounded by the kernel unless a bias is added first."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
                  scheme: QuantScheme, out_dtype: str | None = None):
@@ -95,10 +96,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         N, K = self.out_features, self.in_features
         flat = op.reshape(x, (-1, K))
+        sums = ACCUMULATE if self.bias is not None else self.out_dtype
         kernel = quant.quantized_matmul(N, K, self.scheme, self.dtype,
-                                        quant.has_vnni(Target.current()))
+                                        quant.has_vnni(Target.current()), sums)
         y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.weight_scale],
-                            Tensor.placeholder((flat.shape[0], N), ACCUMULATE))
+                            Tensor.placeholder((flat.shape[0], N), sums))
         y = op.reshape(y, (*x.shape[:-1], N))
         if self.bias is not None:
             y = y + self.bias

@@ -360,11 +360,12 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, e
 
 
 @functools.cache
-def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
-                     vnni: bool) -> tirx.PrimFunc:
-    """y[m, N] (float32) = x[m, K] · Wᵀ from the integers, for any token count m: each
-    token's activations are quantized once, then each task takes ROWS_PER_TASK weight rows
-    past all the tokens (``tiled_row_dots``)."""
+def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, vnni: bool,
+                     out_dtype: str = "float32") -> tirx.PrimFunc:
+    """y[m, N] = x[m, K] · Wᵀ from the integers, for any token count m: each token's
+    activations are quantized once, then each task takes ROWS_PER_TASK weight rows past all
+    the tokens (``tiled_row_dots``). Sums are float32; y is rounded to ``out_dtype`` as it is
+    stored (a separate cast was a kernel launch per projection and token)."""
     assert scheme.fits(n, k), (n, k, scheme)
     N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
     QN, QK = scheme.storage_shape(n, k)
@@ -375,7 +376,7 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
         for i in T.unroll(tokens):
             if t0 + i < count:
                 for j in T.vectorized(NG):
-                    y[t0 + i, base + j] = dots[i, j]
+                    y[t0 + i, base + j] = T.Cast(out_dtype, dots[i, j])
 
     run = tiled_row_dots(scheme, K, NG, vnni, lambda base, j: base + j, False, store, NG)
 
@@ -385,7 +386,7 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str,
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
-        y = T.match_buffer(var_y, (m, T.int64(N)), "float32")
+        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
         with T.sblock("matmul"):
             xa = T.sblock_alloc_buffer((m, T.int64(K)), "int8")  # levels, interleaved
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")

@@ -23,6 +23,7 @@ from qwen3c.errors import TargetError
 from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.schedules.mlp import fuse_gate_up_silu
 from qwen3c.schedules.qk_norm import fuse_qk_norm
+from qwen3c.schedules.residual_norm import fuse_residual_norm
 from qwen3c.targets.base import Phase, Target, TargetChoice
 from qwen3c.targets.noalias import uniform_noalias
 
@@ -121,9 +122,10 @@ class LlvmTarget(Target):
 
     def pipeline(self, tvm_target: tvm.target.Target) -> list[Phase]:
         return [
-            Phase("kernels", "route projections, the q/k norms and the MLP's SwiGLU to our "
-                  "kernels", [
+            Phase("kernels", "route projections, the q/k norms, residual add + RMSNorm and the "
+                  "MLP's SwiGLU to our kernels", [
                 fuse_qk_norm(),
+                fuse_residual_norm(),
                 fuse_gate_up_silu(tvm_target),
                 relax.transform.DeadCodeElimination(),
                 dispatch_cpu_gemm(tvm_target),

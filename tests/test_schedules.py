@@ -365,3 +365,52 @@ def test_qk_norm_chain_becomes_one_kernel(dtype, tolerance):
         np.testing.assert_allclose(out.numpy().astype(np.float32),
                                    reference_qk_norm(qkv, w_q, w_k, q_heads, kv_heads),
                                    rtol=tolerance, atol=tolerance)
+
+
+class ResidualNorm(nn.Module):
+    """Our decoder layer's residual add of a float32 projection output, then the RMSNorm."""
+
+    def __init__(self, hidden: int):
+        from qwen3c.compile.model import RMSNorm
+
+        self.norm = RMSNorm(hidden, 1e-6)
+
+    def forward(self, x: nn.Tensor, projected: nn.Tensor) -> nn.Tensor:
+        total = x + projected.astype(x.dtype)
+        return nn.op.concat([total, self.norm(total)], dim=-1)
+
+
+def reference_residual_norm(x: np.ndarray, projected: np.ndarray, weight: np.ndarray,
+                            dtype) -> np.ndarray:
+    total = (x.astype(np.float32) + projected.astype(dtype).astype(np.float32)).astype(dtype)
+    wide = total.astype(np.float32)
+    normed = wide / np.sqrt((wide ** 2).mean(-1, keepdims=True) + 1e-6) * weight
+    return np.concatenate([wide, normed], axis=-1)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_residual_add_and_norm_become_one_kernel(dtype, tolerance):
+    hidden = 48
+    spec = {"forward": {"x": nn.spec.Tensor(["b", "s", hidden], dtype),
+                        "projected": nn.spec.Tensor(["b", "s", hidden], "float32"),
+                        "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    mod = run_pipeline(ResidualNorm(hidden).export_tvm(spec=spec)[0],
+                       backend.pipeline(target), target)
+    names = [gvar.name_hint for gvar in mod.functions]
+    assert any(name.startswith("add_rms_norm") for name in names), names
+    assert not any("rms_norm" in name and not name.startswith("add_rms_norm")
+                   for name in names), names
+    vm = relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None), tvm.cpu())
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=hidden).astype(np.float32)
+    for batch, seq in ((1, 1), (2, 5)):  # one token: the serial path; more: one task each
+        x = rng.normal(size=(batch, seq, hidden)).astype(np_dtype)
+        projected = rng.normal(size=(batch, seq, hidden)).astype(np.float32)
+        out = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(projected),
+                            [tvm.runtime.tensor(weight)])
+        np.testing.assert_allclose(out.numpy().astype(np.float32),
+                                   reference_residual_norm(x, projected, weight, np_dtype),
+                                   rtol=tolerance, atol=tolerance)

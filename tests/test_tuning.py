@@ -17,10 +17,20 @@ from qwen3c.targets.llvm import host_cpu
 
 
 @pytest.fixture(scope="module")
-def records(tiny_checkpoint, tmp_path_factory):
+def tuning_checkpoint(make_checkpoint):
+    """One layer, hidden size 512. Our kernels take the projections, attention, q/k norms and
+    residual adds + RMSNorms, so meta_schedule's work is what is left: the first layer's input
+    RMSNorm, which at 128 tokens x 512 is slow enough unscheduled (one core, scalar) that even
+    a 2-trial search finds a faster schedule; the tiny model's hidden size of 64 was not."""
+    return make_checkpoint("tuning", hidden_size=512, intermediate_size=256,
+                           num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def records(tuning_checkpoint, tmp_path_factory):
     """Records of a short search (2 schedules per kernel), float32, through the CLI."""
     output = tmp_path_factory.mktemp("records")
-    result = CliRunner().invoke(main, ["tune", str(tiny_checkpoint), "--dtype", "float32",
+    result = CliRunner().invoke(main, ["tune", str(tuning_checkpoint), "--dtype", "float32",
                                        "--trials", "2", "-o", str(output)])
     assert result.exit_code == 0, result.output
     assert "rms_norm" in result.output and "wrote" in result.output
@@ -31,17 +41,17 @@ def test_tune_writes_a_database_and_a_summary(records):
     summary = json.loads((records / "summary.json").read_text())
     kernels = summary["kernels"]
     assert summary["target"]["cpu"] == host_cpu() and summary["trials_per_kernel"] == 2
-    assert len(kernels) >= 10 and all(k["untuned_us"] > 0 and k["calls"] >= 1 for k in kernels)
+    assert kernels and all(k["untuned_us"] > 0 and k["calls"] >= 1 for k in kernels)
     assert any(k["tuned_us"] for k in kernels)
     assert len((records / RECORD_FILE).read_text().splitlines()) > len(kernels)
 
 
-def test_tuned_model_matches_hf(records, tiny_checkpoint, make_artifact):
-    artifact = make_artifact(tiny_checkpoint, tuning_records=records)
+def test_tuned_model_matches_hf(records, tuning_checkpoint, make_artifact):
+    artifact = make_artifact(tuning_checkpoint, tuning_records=records)
     tuning = json.loads((artifact / "manifest.json").read_text())["tuning"]
     assert tuning["applied"] > 0 and tuning["failed"] == []
     model = qwen3c.load(artifact)
-    reference = HFReference(tiny_checkpoint)
+    reference = HFReference(tuning_checkpoint)
     # Kernels were tuned at 128 tokens; the replay must hold at other counts (and batch 1).
     for length in (1, 7, 130):
         ids = np.random.default_rng(length).integers(0, model.vocab_size, length).tolist()
@@ -52,13 +62,13 @@ def test_tuned_model_matches_hf(records, tiny_checkpoint, make_artifact):
         reference.greedy(ids, 16)
 
 
-def test_only_schedules_faster_than_the_untuned_kernel_are_replayed(records, tiny_checkpoint,
+def test_only_schedules_faster_than_the_untuned_kernel_are_replayed(records, tuning_checkpoint,
                                                                     make_artifact):
     summary = json.loads((records / "summary.json").read_text())["kernels"]
     improved = [k for k in summary if k["tuned_us"] and k["tuned_us"] < k["untuned_us"]]
-    tuning = json.loads((make_artifact(tiny_checkpoint, tuning_records=records)
+    tuning = json.loads((make_artifact(tuning_checkpoint, tuning_records=records)
                          / "manifest.json").read_text())["tuning"]
-    assert tuning["kernels"] == len(summary)  # each kernel of the tiny model is distinct
+    assert tuning["kernels"] == len(summary)  # each kernel of the model is distinct
     assert tuning["applied"] == len(improved)
 
 
@@ -69,32 +79,32 @@ def compile_error(checkpoint, tmp_path, *args: str) -> str:
     return result.output
 
 
-def test_records_of_another_cpu_are_refused(records, tiny_checkpoint, tmp_path):
+def test_records_of_another_cpu_are_refused(records, tuning_checkpoint, tmp_path):
     other = tmp_path / "records"
     other.mkdir()
     for path in records.glob("database_*.json"):
         text = path.read_text().replace(f'"{host_cpu()}"', '"someothercpu"')
         (other / path.name).write_text(text)
-    assert "tune for this CPU" in compile_error(tiny_checkpoint, tmp_path,
+    assert "tune for this CPU" in compile_error(tuning_checkpoint, tmp_path,
                                                 "--tuning-records", str(other))
 
 
-def test_missing_or_corrupt_records_are_refused(records, tiny_checkpoint, tmp_path):
-    assert "holds no tuning records" in compile_error(tiny_checkpoint, tmp_path,
+def test_missing_or_corrupt_records_are_refused(records, tuning_checkpoint, tmp_path):
+    assert "holds no tuning records" in compile_error(tuning_checkpoint, tmp_path,
                                                       "--tuning-records", str(tmp_path))
     broken = tmp_path / "broken"
     broken.mkdir()
     for path in records.glob("database_*.json"):
         (broken / path.name).write_text(path.read_text()[:200])
     assert "cannot read the tuning records" in compile_error(
-        tiny_checkpoint, tmp_path, "--tuning-records", str(broken))
+        tuning_checkpoint, tmp_path, "--tuning-records", str(broken))
 
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "cuda"], "cannot be tuned on this host"),
     (["--trials", "0"], "trials must be >= 1"),
 ])
-def test_tune_refuses_what_it_cannot_do(tiny_checkpoint, tmp_path, args, message):
-    result = CliRunner().invoke(main, ["tune", str(tiny_checkpoint), "-o", str(tmp_path / "r"),
+def test_tune_refuses_what_it_cannot_do(tuning_checkpoint, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["tune", str(tuning_checkpoint), "-o", str(tmp_path / "r"),
                                        *args])
     assert result.exit_code == 1 and message in result.output, result.output
