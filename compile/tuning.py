@@ -1,7 +1,7 @@
 """meta_schedule tuning for the kernels qwen3c has no hand schedule for, and the records' replay.
 
-After legalization and fusion, the kernels our schedules do not take (RMSNorm, SiLU·up, casts,
-residual adds, concatenations) are plain loop nests, one per fused op, on one core.
+After legalization and fusion, the kernels our schedules do not take (on CPUs: the first
+layer's input RMSNorm, casts, MoE glue) are plain loop nests, one per fused op, on one core.
 ``qwen3c tune`` searches schedules for them with meta_schedule and writes its JSON database;
 ``qwen3c compile --tuning-records`` replays the best schedule of each kernel. Hand-written and
 hand-scheduled kernels (``tirx.is_scheduled``) are never tuned nor replaced.
