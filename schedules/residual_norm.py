@@ -136,9 +136,7 @@ class _ResidualNormFuser(relax.PyExprMutator):
     def _fused(self, add: relax.Call, weight: relax.Expr,
                eps: float) -> tuple[relax.Var, relax.Var]:
         x, y = add.args
-        narrowed = self.lookup_binding(y) if isinstance(y, relax.Var) else None
-        if is_op(narrowed, "relax.astype") and narrowed.args[0].ty.dtype in FLOATS:
-            y = narrowed.args[0]  # the kernel rounds the projection's output itself
+        y = self._before_rounding(y)
         shape, dtype = x.ty.shape, x.ty.dtype
         *lead, hidden = list(shape)
         tokens = lead[0]
@@ -152,6 +150,21 @@ class _ResidualNormFuser(relax.PyExprMutator):
         both = self.builder_.emit(relax.call_tir(kernel, [*rows, weight], [row_type, row_type]))
         return tuple(self.builder_.emit(relax.op.reshape(relax.TupleGetItem(both, i), shape))
                      for i in (0, 1))
+
+
+    def _before_rounding(self, y: relax.Expr) -> relax.Expr:
+        """The float tensor ``y`` was rounded from to the model dtype, through reshapes (the
+        kernel rounds a projection's or the MoE block's float32 output itself), else ``y``."""
+        value = y
+        while isinstance(value, relax.Var):
+            bound = self.lookup_binding(value)
+            if is_op(bound, "relax.reshape"):
+                value = bound.args[0]
+            elif is_op(bound, "relax.astype") and bound.args[0].ty.dtype in FLOATS:
+                return bound.args[0]
+            else:
+                break
+        return y
 
 
 def fuse_residual_norm() -> tvm.transform.Pass:

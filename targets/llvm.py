@@ -129,6 +129,8 @@ class LlvmTarget(Target):
                 fuse_gate_up_silu(tvm_target),
                 relax.transform.DeadCodeElimination(),
                 dispatch_cpu_gemm(tvm_target),
+                # Our kernels take 2-D rows: chains of reshapes around them become one or none.
+                relax.transform.RemoveRedundantReshape(),
                 relax.transform.DeadCodeElimination(),
             ]),
             Phase("prepare", "fold remaining transposes into matmuls before lowering", [
