@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -414,3 +416,18 @@ def test_residual_add_and_norm_become_one_kernel(dtype, tolerance):
         np.testing.assert_allclose(out.numpy().astype(np.float32),
                                    reference_residual_norm(x, projected, weight, np_dtype),
                                    rtol=tolerance, atol=tolerance)
+
+
+def test_reshapes_around_our_row_kernels_collapse(tiny_checkpoint, tmp_path):
+    """Each reshape is VM instructions in every decode step. Our kernels take [tokens,
+    features] rows, and the reshapes nn and our passes put around them must collapse
+    (RemoveRedundantReshape): per layer only the pair around the paged-KV attention is left."""
+    import qwen3c
+
+    qwen3c.compile_model(tiny_checkpoint, output=tmp_path / "artifact", dtype="float32",
+                         dump_ir=tmp_path / "ir")
+    text = (tmp_path / "ir" / "07-finalize.py").read_text()
+    decode = text[text.index("    def decode("):]
+    decode = decode[:decode.find("    @R.function")]
+    layers = json.loads((tiny_checkpoint / "config.json").read_text())["num_hidden_layers"]
+    assert decode.count('"vm.builtin.reshape"') <= 2 * layers + 2, decode
