@@ -65,7 +65,7 @@ def main() -> None:
 @click.option("--expert-parallel", is_flag=True,
               help="MoE: partition the experts over the devices instead of cutting each.")
 @click.option("--quant", type=click.Choice(["q8", "q4"]), default=None,
-              help="Store the projections as group-wise int8 or int4 (lm_head int8).")
+              help="Store the projections as group-wise int8 or int4 (lm_head: see --quant-head).")
 @click.option("--quant-group", type=int, default=32, show_default=True,
               help="Weights per quantization scale.")
 @click.option("--quant-head", type=click.Choice(["q8", "q4"]), default=None,

@@ -58,8 +58,8 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     N workers) and the weights are cut into N sets; ``expert_parallel`` partitions MoE experts
     over the shards instead of cutting every expert. ``quant`` ("q8" or "q4") stores the
     projections as group-wise integers (``compile/quantization.py``), the lm_head as int8 or
-    as ``quant_head`` says. ``tuning_records`` is a
-    directory written by ``tune_model`` for the same target and CPU.
+    as ``quant_head`` says. ``tuning_records`` is a directory written by ``tune_model`` for the
+    same target and CPU.
     """
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)

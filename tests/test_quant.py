@@ -84,6 +84,27 @@ def test_kernels_match_numpy(scheme, dtype, K, vnni):
         assert np.linalg.norm(y.numpy() - exact) <= 0.01 * np.linalg.norm(exact)
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_kernels_store_the_model_dtype_rounded_from_their_float32_sums(tokens):
+    """``out_dtype="bfloat16"`` (what the projections use, so no cast kernel follows): each
+    output is the float32 kernel's, rounded to bfloat16."""
+    backend = get_target("llvm")
+    target = backend.tvm_target(backend.resolve(None, None))
+    scheme, K = QuantScheme(4, 32), 512
+    q, scale = quantize(np.random.default_rng(6).normal(size=(N, K)), scheme)
+    x = np.random.default_rng(7).normal(size=(tokens, K)).astype(ml_dtypes.bfloat16)
+    outputs = []
+    for out_dtype in ("float32", "bfloat16"):
+        kernel = quantized_matmul(N, K, scheme, "bfloat16", has_vnni(target), out_dtype)
+        lib = tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=target)
+        y = tvm.runtime.tensor(np.zeros((tokens, N), ml_dtypes.bfloat16 if out_dtype ==
+                                        "bfloat16" else np.float32))
+        lib["matmul"](tvm.runtime.tensor(x), tvm.runtime.tensor(q), tvm.runtime.tensor(scale), y)
+        outputs.append(y.numpy())
+    sums, rounded = outputs
+    np.testing.assert_array_equal(rounded, sums.astype(ml_dtypes.bfloat16))
+
+
 def activations_as_int8(x: np.ndarray, group: int) -> np.ndarray:
     """x as the GEMV sees it: per group of ``group``, round(x · 127 / max|x|) · max|x| / 127."""
     groups = x.reshape(x.shape[0], -1, group)
@@ -281,3 +302,19 @@ def test_an_int4_head_matches_hf_with_the_same_weights(make_checkpoint, make_art
 def test_a_quantized_head_needs_quantized_projections(tiny_checkpoint, tmp_path):
     with pytest.raises(qwen3c.ConfigError, match="--quant-head needs --quant"):
         qwen3c.compile_model(tiny_checkpoint, output=tmp_path / "a", quant_head="q4")
+
+
+@pytest.mark.parametrize("quant, bits", [("q8", 8), ("q4", 4)])
+def test_bfloat16_quantized_models_match_hf_with_the_same_weights(make_checkpoint,
+                                                                   make_artifact, quant, bits):
+    """The artifacts users build (bfloat16 activations, the projections storing bfloat16
+    themselves, the residual kernel rounding their sums) against HF float32 with the same
+    quantized weights. Measured: agreement 0.906 / 0.953, KL 5.0e-4 / 4.7e-4 (q8 / q4; the
+    bfloat16 rounding of the activations is most of it)."""
+    checkpoint = make_checkpoint("quant-bf16", **WIDER_CONFIG, tie_word_embeddings=False,
+                                 vocab_size=640)
+    ids = np.random.default_rng(4).integers(0, 640, 64).tolist()
+    with qwen3c.load(make_artifact(checkpoint, dtype="bfloat16", quant=quant)) as model:
+        ours = model.logits(ids)
+    result = compare_logits(ours, simulated(checkpoint, bits).logits(ids), ids)
+    assert result.agreement >= 0.85 and result.kl <= 2e-3, result
