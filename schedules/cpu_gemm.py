@@ -47,6 +47,7 @@ COLS_PER_GEMV = 8  # weight rows per decode task step, and per dot-tile task
 PANEL_MIN_TOKENS = 64  # fewer tokens: dot-product tiles instead of panels (bf16, 2 threads,
 #                        dot / panel speed: 32 tokens 1.31-1.83x, 64 1.03-1.32x, 128 0.82-0.95x)
 OUT_DTYPE = "float32"
+FLOATS = ("float32", "float16", "bfloat16")  # what the rewrite passes route to our kernels
 
 
 def fits(n: int, k: int) -> bool:
@@ -292,13 +293,19 @@ def call_per_token(builder: relax.BlockBuilder, kernel: tvm.ir.GlobalVar, x: rel
     """``kernel(x as [tokens, k], *weights)`` -> [tokens, features], reshaped back to x's
     leading axes."""
     lead = list(x.ty.shape)[:-1]
-    tokens = lead[0]
-    for dim in lead[1:]:
-        tokens = tokens * dim
+    tokens = token_count(lead)
     flat = builder.emit(relax.op.reshape(x, [tokens, x.ty.shape[-1]]))
     y = builder.emit(relax.call_tir(kernel, [flat, *weights],
                                     relax.TensorType([tokens, features], dtype)))
     return relax.op.reshape(y, [*lead, features])
+
+
+def token_count(lead: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """How many rows a tensor's leading axes (all but the features) hold."""
+    tokens = lead[0]
+    for dim in lead[1:]:
+        tokens = tokens * dim
+    return tokens
 
 
 def bound_value(mutator: relax.PyExprMutator, expr: relax.Expr) -> relax.Expr:

@@ -19,6 +19,7 @@ from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot, moe
 from qwen3c.schedules.cpu_gemm import (
+    FLOATS,
     OUT_DTYPE,
     bound_value,
     call_per_token,
@@ -148,7 +149,7 @@ class _SwiGLUFuser(relax.PyExprMutator):
         last = y.ty.shape[-1] if isinstance(y.ty, relax.TensorType) else None
         if not (isinstance(last, tirx.IntImm) and int(last) % 2 == 0 and y.ty.ndim >= 2
                 and int(halves.attrs.axis) in (-1, y.ty.ndim - 1)
-                and y.ty.dtype in ("float32", "float16", "bfloat16")):
+                and y.ty.dtype in FLOATS):
             return None
         return y
 

@@ -17,6 +17,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules.cpu_gemm import (
+    FLOATS,
     bound_value,
     call_per_token,
     is_op,
@@ -24,8 +25,6 @@ from qwen3c.schedules.cpu_gemm import (
     relax_function_pass,
 )
 from qwen3c.schedules.scratch import stack_buffer
-
-FLOATS = ("float32", "float16", "bfloat16")
 
 
 @functools.cache

@@ -17,11 +17,16 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules.cpu_gemm import is_op, kernel_once, relax_function_pass
+from qwen3c.schedules.cpu_gemm import (
+    FLOATS,
+    is_op,
+    kernel_once,
+    relax_function_pass,
+    token_count,
+)
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES = 16  # float32 partial sums of squares (one AVX-512 vector)
-FLOATS = ("float32", "float16", "bfloat16")
 
 
 @functools.cache
@@ -139,9 +144,7 @@ class _ResidualNormFuser(relax.PyExprMutator):
         y = self._before_rounding(y)
         shape, dtype = x.ty.shape, x.ty.dtype
         *lead, hidden = list(shape)
-        tokens = lead[0]
-        for dim in lead[1:]:
-            tokens = tokens * dim
+        tokens = token_count(lead)
         kernel = kernel_once(self.builder_, self.kernels,
                              ("add_rms_norm", int(hidden), eps, dtype, y.ty.dtype),
                              lambda: add_rms_norm(int(hidden), eps, dtype, y.ty.dtype))
@@ -150,7 +153,6 @@ class _ResidualNormFuser(relax.PyExprMutator):
         both = self.builder_.emit(relax.call_tir(kernel, [*rows, weight], [row_type, row_type]))
         return tuple(self.builder_.emit(relax.op.reshape(relax.TupleGetItem(both, i), shape))
                      for i in (0, 1))
-
 
     def _before_rounding(self, y: relax.Expr) -> relax.Expr:
         """The float tensor ``y`` was rounded from to the model dtype, through reshapes (the
