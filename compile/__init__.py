@@ -12,7 +12,7 @@ from tvm import relax
 
 from qwen3c import __version__
 from qwen3c.compile.config import Qwen3Config, load_config
-from qwen3c.compile.model import Build, Qwen3ForCausalLM
+from qwen3c.compile.model import LAYOUT_ATTR, Build, Qwen3ForCausalLM
 from qwen3c.compile.pipeline import run_pipeline
 from qwen3c.compile.quantization import DEFAULT_GROUP, parse_quantization, quant_param
 from qwen3c.compile.sharding import Parallelism, shard_spec
@@ -34,6 +34,7 @@ from qwen3c.compile.weights import (
 )
 from qwen3c.errors import ConfigError, Qwen3cError, TargetError
 from qwen3c.runtime.artifact import LIBRARY, MANIFEST, Manifest, ParamInfo, sha256_file
+from qwen3c.schedules import bf16_dot
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.targets import Target, get_target
 from qwen3c.targets.byoc_target import VENDOR_DIR
@@ -79,7 +80,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     mod, named_params = _model_module(config, backend, dtype, parallel, scheme, head_scheme,
                                       tvm_target)
     params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
-                        quant_param(p))
+                        quant_param(p), p.attrs.get(LAYOUT_ATTR))
               for name, p in named_params]
     entry_points = _entry_points(mod)
 
@@ -173,7 +174,8 @@ def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Pa
     with tvm_target:
         model = Qwen3ForCausalLM(
             config, Build(dtype, parallel, scheme, head_scheme,
-                          gpu=tvm_target.kind.name == "cuda"))
+                          gpu=tvm_target.kind.name == "cuda",
+                          panels=backend.name == "llvm" and bf16_dot.usable(tvm_target, dtype)))
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     return mod, named_params
 

@@ -39,12 +39,22 @@ from tvm.target import Target
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
-from qwen3c.schedules import bf16_dot, moe, moe_gpu, moe_quant, quant, vector_unit
+from qwen3c.schedules import (
+    bf16_dot,
+    bf16_panel,
+    mlp,
+    moe,
+    moe_gpu,
+    moe_quant,
+    quant,
+    vector_unit,
+)
 from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.schedules.rope import split_rotary
 
 ACCUMULATE = "float32"
+LAYOUT_ATTR = "layout"  # a parameter stored in a kernel's layout, named in the manifest
 RouterStats = list[Tensor]  # one [3, E] tensor per MoE layer, gathered while tracing
 
 
@@ -95,16 +105,53 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, K = self.out_features, self.in_features
-        flat = op.reshape(x, (-1, K))
-        sums = ACCUMULATE if self.bias is not None else self.out_dtype
-        kernel = quant.quantized_matmul(N, K, self.scheme, self.dtype,
-                                        quant.has_vnni(Target.current()), sums)
-        y = op.tensor_ir_op(kernel, "quantized_matmul", [flat, self.weight, self.weight_scale],
-                            Tensor.placeholder((flat.shape[0], N), sums))
-        y = op.reshape(y, (*x.shape[:-1], N))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.astype(self.out_dtype)
+        return kernel_projection(
+            x, N, self.bias, self.out_dtype, "quantized_matmul",
+            lambda sums: quant.quantized_matmul(N, K, self.scheme, self.dtype,
+                                                quant.has_vnni(Target.current()), sums),
+            self.weight, self.weight_scale)
+
+
+class PanelLinear(nn.Module):
+    """y = x Wᵀ (+ b) with a bfloat16 W stored in panels for ``vdpbf16ps``
+    (``schedules/bf16_panel.py``): the same sums as ``Linear`` (exact products, float32), from
+    a layout whose tiles need no horizontal sums, for decode and prefill alike."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
+                 out_dtype: str | None = None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.out_dtype = dtype, out_dtype or dtype
+        self.weight = nn.Parameter(bf16_panel.panel_shape(out_features, in_features), dtype)
+        self.weight.attrs[LAYOUT_ATTR] = bf16_panel.LAYOUT
+        self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, K = self.out_features, self.in_features
+        return kernel_projection(x, N, self.bias, self.out_dtype, "panel_gemm",
+                                 lambda sums: bf16_panel.panel_gemm(N, K, sums), self.weight)
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(gate) * up of this gate_up projection in one kernel, from its float32 sums (as
+        the rewrite pass ``mlp.fuse_gate_up_silu`` makes of ``Linear``)."""
+        H, I = self.in_features, self.out_features // 2
+        assert self.bias is None, "Qwen3's MLP has no bias"
+        return kernel_projection(x, I, None, self.dtype, "gate_up_silu",
+                                 lambda _: mlp.gate_up_silu(H, I, self.dtype, panels=True),
+                                 self.weight)
+
+
+def kernel_projection(x: Tensor, features: int, bias: nn.Parameter | None, out_dtype: str,
+                      name: str, kernel, *weights: nn.Parameter) -> Tensor:
+    """y = x Wᵀ (+ b) by ``kernel(sums_dtype)`` over x as [tokens, k] rows: the kernel rounds
+    its float32 sums to ``out_dtype`` as it stores them, unless a bias is added first."""
+    flat = op.reshape(x, (-1, x.shape[-1]))
+    sums = ACCUMULATE if bias is not None else out_dtype
+    y = op.tensor_ir_op(kernel(sums), name, [flat, *weights],
+                        Tensor.placeholder((flat.shape[0], features), sums))
+    y = op.reshape(y, (*x.shape[:-1], features))
+    if bias is not None:
+        y = y + bias
+    return y.astype(out_dtype)
 
 
 def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, head_dim: int,
@@ -132,23 +179,29 @@ def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, h
 @dataclasses.dataclass(frozen=True)
 class Build:
     """What this copy of the model is: its storage dtype, the shard it computes, the
-    quantization of its projections and of its lm_head, and whether its own kernels run on a
-    GPU."""
+    quantization of its projections and of its lm_head, whether its own kernels run on a GPU,
+    and whether its 16-bit projections are stored for the CPU's bfloat16 dot products."""
 
     dtype: str
     parallel: Parallelism = SINGLE_DEVICE
     quant: QuantScheme | None = None
     head_quant: QuantScheme | None = None
     gpu: bool = False  # MoE kernels with thread bindings (schedules/moe_gpu.py)
+    panels: bool = False  # bfloat16 projections stored in panels (schedules/bf16_panel.py)
 
 
 def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
                all_reduce: bool = False) -> nn.Module:
-    """A quantized projection where the build asks for one and the shape fits its kernels."""
+    """A quantized projection where the build asks for one and the shape fits its kernels,
+    else one on bfloat16 panels where the build stores them (one shard only: the panels are
+    cut from the whole weight), else the plain one."""
     scheme = build.quant
     if scheme is not None and scheme.fits(out_features, in_features) and not all_reduce:
         return QuantLinear(in_features, out_features, bias=bias, dtype=build.dtype,
                            scheme=scheme)
+    if (build.panels and build.parallel.shards == 1
+            and bf16_panel.fits(out_features, in_features)):
+        return PanelLinear(in_features, out_features, bias=bias, dtype=build.dtype)
     return Linear(in_features, out_features, bias=bias, dtype=build.dtype,
                   all_reduce=all_reduce)
 
@@ -244,6 +297,8 @@ class Qwen3MLP(nn.Module):
         shard(self.down_proj.weight, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.gate_up_proj, PanelLinear):  # no matmul for the rewrite to find
+            return self.down_proj(self.gate_up_proj.swiglu(x))
         gate, up = op.split(self.gate_up_proj(x), indices_or_sections=2, axis=-1)
         return self.down_proj(op.silu(gate) * up)
 
@@ -413,8 +468,12 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head = QuantLinear(config.hidden_size, rows, bias=False, dtype=build.dtype,
                                        scheme=head_scheme, out_dtype=ACCUMULATE)
         elif not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, rows, bias=False, dtype=build.dtype,
-                                     out_dtype=ACCUMULATE)
+            # bfloat16 panels where the projections have them (a tied head would need a copy)
+            panels = (build.panels and self.vocab_shards == 1
+                      and bf16_panel.fits(rows, config.hidden_size))
+            head = PanelLinear if panels else nn.Linear
+            self.lm_head = head(config.hidden_size, rows, bias=False, dtype=build.dtype,
+                                out_dtype=ACCUMULATE)
         if hasattr(self, "lm_head") and self.vocab_shards > 1:
             shard(self.lm_head.weight, 0)
 

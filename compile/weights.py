@@ -23,6 +23,7 @@ from tqdm import tqdm
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import CheckpointError
 from qwen3c.runtime.artifact import ParamInfo
+from qwen3c.schedules import bf16_panel
 from qwen3c.schedules.quant import quantize
 
 # Our fused module → the HF modules whose weights are concatenated (output axis) to make it.
@@ -202,6 +203,10 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             yield param.name, [values if param.quant.role == "values" else scales] * shards
             continue
         whole = param.shard.full_shape(param.shape, shards) if param.shard else param.shape
+        if param.layout == bf16_panel.LAYOUT:  # one shard only (model.projection)
+            weight = assemble(param, NUMPY_DTYPES[param.dtype], bf16_panel.weight_shape(whole))
+            yield param.name, [bf16_panel.to_panels(weight)] * shards
+            continue
         array = assemble(param, NUMPY_DTYPES[param.dtype], whole)
         if param.shard and shards > 1:
             yield param.name, param.shard.split(array, shards)

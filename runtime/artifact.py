@@ -21,7 +21,7 @@ from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
 from qwen3c.targets import TargetChoice, get_target
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 
@@ -36,6 +36,7 @@ class ParamInfo:
     dtype: str
     shard: ShardSpec | None = None
     quant: QuantParam | None = None  # integers or scales of a quantized weight
+    layout: str | None = None  # a kernel's layout of the weight (schedules/bf16_panel.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ class Manifest:
         raw["params"] = tuple(
             ParamInfo(p["name"], tuple(p["shape"]), p["dtype"],
                       ShardSpec.from_dict(p["shard"]) if p["shard"] else None,
-                      QuantParam.from_dict(p["quant"]) if p["quant"] else None)
+                      QuantParam.from_dict(p["quant"]) if p["quant"] else None,
+                      p["layout"])
             for p in raw["params"])
         raw["weight_files"] = tuple(raw["weight_files"])
         if len(raw["weight_files"]) != raw["parallel"].shards:

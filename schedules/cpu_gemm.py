@@ -22,7 +22,10 @@ of branching in the inner loop, and only its valid rows are stored.
 
 On CPUs with AVX512-BF16, bfloat16 prefills of every length run the same 6 x 4 dot-product
 tiles on ``vdpbf16ps`` instead (``bf16_projection``, ``bf16_dot.py``): no conversion, twice the
-multiply-adds per instruction (Zen 5, 6144x1024 at 128 tokens: 5.5 -> 3.1 ms).
+multiply-adds per instruction (Zen 5, 6144x1024 at 128 tokens: 5.5 -> 3.1 ms). The model's own
+projections and an untied head do not come here on such CPUs: their weights are stored in
+panels for ``vdpbf16ps`` (``bf16_panel.py``, 1.4-1.6x these tiles); what is left here is the
+tied head (the embedding table, stored by rows) and weights whose sizes the panels do not fit.
 
 ``dispatch_cpu_gemm`` routes ``matmul(x, permute_dims(W), out_dtype=float32)`` with a 2-D
 weight whose sizes fit the tiles to this kernel, before legalization; other matmuls keep the

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, moe
+from qwen3c.schedules import bf16_dot, bf16_panel, moe
 from qwen3c.schedules.cpu_gemm import (
     FLOATS,
     OUT_DTYPE,
@@ -54,15 +54,20 @@ def swiglu_rows(intermediate: int, dtype: str):
 
 @functools.cache
 def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
-                 registers: int = 32, bf16: bool = False) -> tirx.PrimFunc:
+                 registers: int = 32, bf16: bool = False, panels: bool = False
+                 ) -> tirx.PrimFunc:
     """act[t] = silu(W[:I] · x[t]) * (W[I:] · x[t]) for a weight W [2I, H] (``bf16``: on
-    bfloat16 dot products, see ``bf16_dot.usable``)."""
+    bfloat16 dot products, see ``bf16_dot.usable``; ``panels``: W stored in bfloat16 panels,
+    ``bf16_panel.py``)."""
     H, I = hidden, intermediate
-    body = projection(2 * I, H, dtype, lanes, registers, bf16)
+    if panels:
+        body, stored = bf16_panel.projection(2 * I, H, OUT_DTYPE), bf16_panel.panel_shape(2 * I, H)
+    else:
+        body, stored = projection(2 * I, H, dtype, lanes, registers, bf16), (2 * I, H)
     activate = swiglu_rows(I, dtype)
 
     @T.prim_func(private=True, s_tir=True)
-    def gate_up(var_x: T.handle, weight: T.Buffer((2 * I, H), dtype), var_act: T.handle):
+    def gate_up(var_x: T.handle, weight: T.Buffer(stored, dtype), var_act: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, T.int64(H)), dtype)

@@ -16,10 +16,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import tvm
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import qwen3c
 from qwen3c.compile.random_checkpoint import train_tokenizer, write_tokenizer
+from qwen3c.targets import get_target
 
 # Small but not degenerate: several heads per kv head, head_dim != hidden / heads, two layers.
 BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -31,6 +33,12 @@ MOE_CONFIG = dict(BASE_CONFIG, num_hidden_layers=3, num_experts=8, num_experts_p
 # Wide enough that 16-bit rounding shows in the logits.
 WIDER_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                     num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+
+
+def host_target() -> tvm.target.Target:
+    """The llvm target qwen3c compiles for on this host."""
+    backend = get_target("llvm")
+    return backend.tvm_target(backend.resolve(None, None))
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-from conftest import WIDER_CONFIG, assert_as_faithful_as_hf_16bit
+import pytest
+from conftest import WIDER_CONFIG, assert_as_faithful_as_hf_16bit, host_target
 
 import qwen3c
 from qwen3c.reference import HFReference
+from qwen3c.schedules import bf16_dot, bf16_panel
 
 
 def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(make_checkpoint, make_artifact):
@@ -17,3 +21,25 @@ def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(make_checkpoint
     assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
                                    HFReference(checkpoint, "bfloat16").logits(ids),
                                    top1_slack=0.01)
+
+
+def test_bfloat16_projections_and_head_on_panels_match_hf(make_checkpoint, make_artifact):
+    """Where the CPU has bfloat16 dot products, the projections' weights and an untied head are
+    stored in panels (``schedules/bf16_panel.py``); a q/k/v bias is added to the float32 sums,
+    and the head's logits are its float32 sums."""
+    if not bf16_dot.usable(host_target(), "bfloat16"):
+        pytest.skip("bfloat16 panels need a CPU with AVX512-BF16")
+    checkpoint = make_checkpoint("bf16-bias-untied", **WIDER_CONFIG, attention_bias=True,
+                                 tie_word_embeddings=False, vocab_size=640)  # 10 panels
+    artifact = make_artifact(checkpoint, dtype="bfloat16")
+    layouts = {p["name"]: p["layout"]
+               for p in json.loads((artifact / "manifest.json").read_text())["params"]}
+    on_panels = {name.split(".")[-2] for name, layout in layouts.items()
+                 if layout == bf16_panel.LAYOUT}
+    assert on_panels == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    model = qwen3c.load(artifact)
+    ids = np.random.default_rng(6).integers(0, model.vocab_size, 64).tolist()
+    exact = HFReference(checkpoint, "float32").logits(ids)
+    assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
+                                   HFReference(checkpoint, "bfloat16").logits(ids),
+                                   top1_slack=0.02)

@@ -8,12 +8,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from conftest import host_target
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import bf16_dot, fast_math, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules import bf16_dot, bf16_panel, fast_math, nt_gemm, schedule_nt_matmul
 from qwen3c.schedules.mlp import gate_up_silu
 from qwen3c.targets import get_target
 
@@ -92,11 +93,6 @@ def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
         np.testing.assert_allclose(y.numpy(), x @ weight.T, rtol=1e-5, atol=1e-4)
 
 
-def host_target() -> tvm.target.Target:
-    backend = get_target("llvm")
-    return backend.tvm_target(backend.resolve(None, None))
-
-
 @pytest.mark.parametrize("n, k", [(40, 64), (16, 96)])  # 2 and 3 dot-product steps
 def test_bf16_dot_product_gemm_matches_numpy(n, k):
     target = host_target()
@@ -113,6 +109,28 @@ def test_bf16_dot_product_gemm_matches_numpy(n, k):
         # bfloat16 products are exact in float32: only the order of the sums differs
         np.testing.assert_allclose(y.numpy(), x.astype(np.float32) @ weight.astype(np.float32).T,
                                    rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, k, out_dtype", [(64, 32, "float32"), (128, 96, "bfloat16")])
+def test_bf16_panel_gemm_matches_numpy(n, k, out_dtype):
+    target = host_target()
+    if not bf16_panel.usable(target, "bfloat16", n, k):
+        pytest.skip("bfloat16 panels need a CPU with AVX512-BF16")
+    kernel = tvm.compile(bf16_panel.panel_gemm(n, k, out_dtype).with_attr("global_symbol",
+                                                                          "gemm"), target=target)
+    rng = np.random.default_rng(k)
+    weight = rng.normal(size=(n, k)).astype(ml_dtypes.bfloat16)
+    panels = bf16_panel.to_panels(weight)
+    assert bf16_panel.weight_shape(panels.shape) == (n, k)
+    for m in (1, 2, 6, 7, 17):  # decode, a partial tile, one tile, tiles and a partial one
+        x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
+        y = tvm.runtime.tensor(np.zeros((m, n), out_dtype))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(panels), y)
+        exact = x.astype(np.float32) @ weight.astype(np.float32).T
+        # products of bfloat16 are exact in float32; a bfloat16 store rounds to 8 bits
+        tolerance = 1e-5 if out_dtype == "float32" else 2**-8
+        np.testing.assert_allclose(y.numpy().astype(np.float32), exact, rtol=tolerance,
+                                   atol=tolerance * np.abs(exact).max())
 
 
 def test_bf16_dot_products_compile_to_vdpbf16ps():
