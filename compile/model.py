@@ -332,6 +332,14 @@ class Qwen3MoeExperts(nn.Module):
                                                                           (E,))
             self.down_proj, self.down_proj_scale = quantized_params(H, I, self.scheme, (E,))
             return
+        self.panels = (build.panels and parallel.shards == 1
+                       and bf16_panel.experts_fit(H, I))
+        if self.panels:  # bfloat16 panels, gate and up rows paired (schedules/bf16_panel.py)
+            self.gate_up_proj = nn.Parameter((E, *bf16_panel.panel_shape(2 * I, H)), dtype)
+            self.down_proj = nn.Parameter((E, *bf16_panel.panel_shape(H, I)), dtype)
+            self.gate_up_proj.attrs[LAYOUT_ATTR] = bf16_panel.PAIRED_LAYOUT
+            self.down_proj.attrs[LAYOUT_ATTR] = bf16_panel.LAYOUT
+            return
         self.gate_up_proj = nn.Parameter((E, 2 * I, H), dtype)
         self.down_proj = nn.Parameter((E, H, I), dtype)
         if expert_parallel:
@@ -376,15 +384,19 @@ class Qwen3MoeExperts(nn.Module):
                 "quantized_down_scatter",
                 [act, self.down_proj, self.down_proj_scale, offsets, order, weights],
                 Tensor.placeholder((n, H), ACCUMULATE))
-        vectors = vector_unit(Target.current())
-        bf16 = bf16_dot.usable(Target.current(), self.dtype, H, I)
-        act = op.tensor_ir_op(
-            moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors, bf16), "moe_gate_up_silu",
-            [x, self.gate_up_proj, offsets, order], Tensor.placeholder((n * k, I), self.dtype))
-        return op.tensor_ir_op(
-            moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors, bf16), "moe_down_scatter",
-            [act, self.down_proj, offsets, order, weights],
-            Tensor.placeholder((n, H), ACCUMULATE))
+        if self.panels:
+            gate_up = bf16_panel.expert_gate_up_silu(E, k, H, I)
+            down = bf16_panel.expert_down_scatter(E, k, H, I)
+        else:
+            vectors = vector_unit(Target.current())
+            bf16 = bf16_dot.usable(Target.current(), self.dtype, H, I)
+            gate_up = moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors, bf16)
+            down = moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors, bf16)
+        act = op.tensor_ir_op(gate_up, "moe_gate_up_silu", [x, self.gate_up_proj, offsets, order],
+                              Tensor.placeholder((n * k, I), self.dtype))
+        return op.tensor_ir_op(down, "moe_down_scatter",
+                               [act, self.down_proj, offsets, order, weights],
+                               Tensor.placeholder((n, H), ACCUMULATE))
 
 
 class Qwen3MoeBlock(nn.Module):

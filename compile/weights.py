@@ -203,9 +203,9 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             yield param.name, [values if param.quant.role == "values" else scales] * shards
             continue
         whole = param.shard.full_shape(param.shape, shards) if param.shard else param.shape
-        if param.layout == bf16_panel.LAYOUT:  # one shard only (model.projection)
+        if param.layout:  # a kernel's layout: never cut (panels: one shard only, model.py)
             weight = assemble(param, NUMPY_DTYPES[param.dtype], bf16_panel.weight_shape(whole))
-            yield param.name, [bf16_panel.to_panels(weight)] * shards
+            yield param.name, [bf16_panel.LAYOUTS[param.layout](weight)] * shards
             continue
         array = assemble(param, NUMPY_DTYPES[param.dtype], whole)
         if param.shard and shards > 1:

@@ -27,7 +27,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot
+from qwen3c.schedules import bf16_dot, moe
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES = bf16_dot.LANES
@@ -35,6 +35,7 @@ VECTORS = 4  # weight vectors per k-pair of a panel
 PANEL = VECTORS * LANES  # weight rows per panel
 TILE_TOKENS = 6  # tokens per tile: 24 accumulators, 4 weight vectors and a broadcast x
 LAYOUT = "bf16-panels-64"  # the manifest's name for a weight stored this way
+PAIRED_LAYOUT = "bf16-panels-64-gate-up-paired"  # MoE gate_up: see ``paired_halves``
 
 
 def fits(n: int, k: int) -> bool:
@@ -52,25 +53,44 @@ def panel_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return (n // PANEL, k // bf16_dot.PAIRS, PANEL, bf16_dot.PAIRS)
 
 
-def weight_shape(stored: tuple[int, ...]) -> tuple[int, int]:
-    """The [n, k] shape of a weight stored as ``stored``."""
-    panels, pairs, rows, pair = stored
-    return (panels * rows, pairs * pair)
+def weight_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The [..., n, k] shape of a weight stored as ``stored``."""
+    *lead, panels, pairs, rows, pair = stored
+    return (*lead, panels * rows, pairs * pair)
 
 
 def to_panels(weight: np.ndarray) -> np.ndarray:
-    """An [n, k] weight in its stored layout (``panel_shape``)."""
-    n, k = weight.shape
+    """A [..., n, k] weight in its stored layout (``panel_shape`` of the last two axes)."""
+    *lead, n, k = weight.shape
     panels, pairs, rows, pair = panel_shape(n, k)
-    return np.ascontiguousarray(weight.reshape(panels, rows, pairs, pair).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(
+        weight.reshape(*lead, panels, rows, pairs, pair).swapaxes(-3, -2))
 
 
-def _tile(tokens: int, pairs: int, out_dtype: str):
-    """A TVMScript macro: y[t0 + i, panel rows] for ``tokens`` tokens from t0 (rows past the
-    last token repeat it and are not stored), sums in ``acc`` [tokens, VECTORS, LANES]."""
+def paired_halves(weight: np.ndarray) -> np.ndarray:
+    """A [..., 2I, k] gate_up weight with its rows reordered so that each panel holds 32 gate
+    rows and then the up rows of the same features (SwiGLU on one panel's sums)."""
+    *lead, rows, k = weight.shape
+    half = PANEL // 2
+    gate, up = (part.reshape(*lead, rows // 2 // half, half, k)
+                for part in np.split(weight, 2, axis=-2))
+    return np.concatenate([gate, up], axis=-2).reshape(*lead, rows, k)
+
+
+LAYOUTS = {  # the manifest's layout name -> how a weight is stored in it
+    LAYOUT: to_panels,
+    PAIRED_LAYOUT: lambda weight: to_panels(paired_halves(weight)),
+}
+
+
+def _sums(tokens: int, pairs: int, token_row):
+    """A TVMScript macro: ``acc[i]`` (VECTORS x LANES float32, one lane per weight row) = the
+    activation row ``token_row(order, first + min(t0 + i, last))`` · panel ``p`` of expert
+    ``e`` (dense weights are one expert's), for ``i < tokens``; rows past the last token repeat
+    it."""
 
     @T.macro
-    def run(x_words, panels, y, acc, p, t0, m):
+    def run(x_words, panels, acc, e, p, order, first, t0, last):
         for i in T.unroll(tokens):
             for v in T.unroll(VECTORS):
                 for lane in T.vectorized(LANES):
@@ -80,14 +100,52 @@ def _tile(tokens: int, pairs: int, out_dtype: str):
                 for v in T.unroll(VECTORS):
                     acc[i, v, bf16_dot.words(0)] = bf16_dot.dot(
                         acc[i, v, bf16_dot.words(0)],
-                        T.broadcast(x_words[T.min(t0 + i, m - 1), kp], LANES),
-                        panels[p, kp, bf16_dot.words(v * LANES)])
+                        T.broadcast(x_words[token_row(order, first + T.min(t0 + i, last)), kp],
+                                    LANES),
+                        panels[e, p, kp, bf16_dot.words(v * LANES)])
+
+    return run
+
+
+def panel_rows(pairs: int, token_row, epilogue):
+    """A TVMScript macro: panel ``p`` of expert ``e`` over the ``count`` activation rows from
+    ``first``, in tiles of TILE_TOKENS (one row at a time when there is one), each tile's sums
+    handed to ``epilogue(dst, routing, order, acc, first, t0, count, p, tokens)``."""
+    tile, single = _sums(TILE_TOKENS, pairs, token_row), _sums(1, pairs, token_row)
+
+    @T.macro
+    def run(x_words, panels, e, p, order, first, count, dst, routing):
+        with T.sblock("panel"):
+            T.reads()  # independent tasks; nothing schedules this block
+            T.writes()
+            if count > 1:
+                # 1.5 KB: the workspace pool serves it, once per panel
+                acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
+                                            scope="global")
+                for t in range((count + TILE_TOKENS - 1) // TILE_TOKENS):
+                    tile(x_words, panels, acc, e, p, order, first, t * TILE_TOKENS, count - 1)
+                    epilogue(dst, routing, order, acc, first, t * TILE_TOKENS, count, p,
+                             TILE_TOKENS)
+            else:
+                one = stack_buffer((1, VECTORS, LANES), "float32")
+                for t in range(count):
+                    single(x_words, panels, one, e, p, order, first, t, count - 1)
+                    epilogue(dst, routing, order, one, first, t, count, p, 1)
+
+    return run
+
+
+def store(out_dtype: str):
+    """An epilogue: dst[first + t0 + i, panel rows] = the sums, rounded to ``out_dtype``."""
+
+    @T.macro
+    def run(dst, routing, order, acc, first, t0, count, p, tokens):
         for i in T.unroll(tokens):
-            if t0 + i < m:
+            if t0 + i < count:
                 for v in T.unroll(VECTORS):
                     for lane in T.vectorized(LANES):
-                        y[t0 + i, p * PANEL + v * LANES + lane] = T.Cast(out_dtype,
-                                                                         acc[i, v, lane])
+                        dst[first + t0 + i, p * PANEL + v * LANES + lane] = T.Cast(
+                            out_dtype, acc[i, v, lane])
 
     return run
 
@@ -98,26 +156,16 @@ def projection(n: int, k: int, out_dtype: str):
     a time for a single token, as in decode, else in tiles of TILE_TOKENS)."""
     N, K = n, k
     pairs = K // bf16_dot.PAIRS
-    tile, single = _tile(TILE_TOKENS, pairs, out_dtype), _tile(1, pairs, out_dtype)
+    rows = panel_rows(pairs, moe.same_row, store(out_dtype))
 
     @T.macro
     def run(x, w, y, m):
         with T.sblock("panel_gemm"):
             x_words = T.decl_buffer((m, T.int64(pairs)), bf16_dot.WORD, data=x.data)
-            panels = T.decl_buffer((N // PANEL, pairs, PANEL), bf16_dot.WORD, data=w.data)
+            panels = T.decl_buffer((1, N // PANEL, pairs, PANEL), bf16_dot.WORD,
+                                   data=w.data)  # as one expert's
             for p in T.parallel(N // PANEL, annotations=bf16_dot.IMPORT):
-                with T.sblock("panel"):
-                    T.reads()  # independent tasks; nothing schedules this block
-                    T.writes()
-                    if m == 1:
-                        one = stack_buffer((1, VECTORS, LANES), "float32")
-                        single(x_words, panels, y, one, p, T.int64(0), m)
-                    else:
-                        # 1.5 KB: the workspace pool serves it once per panel (N / 64 tasks)
-                        acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
-                                                    scope="global")
-                        for t in range((m + TILE_TOKENS - 1) // TILE_TOKENS):
-                            tile(x_words, panels, y, acc, p, t * TILE_TOKENS, m)
+                rows(x_words, panels, 0, p, None, 0, m, y, None)
 
     return run
 
@@ -137,3 +185,118 @@ def panel_gemm(n: int, k: int, out_dtype: str) -> tirx.PrimFunc:
         body(x, w, y, m)
 
     return gemm
+
+
+def experts_fit(hidden: int, intermediate: int) -> bool:
+    """Whether a MoE layer's gate_up [2I, H] and down [H, I] weights fit panels, with gate and
+    up rows paired in each."""
+    return (fits(2 * intermediate, hidden) and fits(hidden, intermediate)
+            and intermediate % (PANEL // 2) == 0)
+
+
+def swiglu_pairs(dtype: str):
+    """An epilogue: act[first + t0 + i, features of panel p] = silu(gate) * up, from a panel of
+    ``paired_halves`` (its first two vectors gate, the last two up)."""
+    half = VECTORS // 2
+
+    @T.macro
+    def run(act, routing, order, acc, first, t0, count, p, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for v in T.unroll(half):
+                    for lane in T.vectorized(LANES):
+                        act[first + t0 + i, p * (PANEL // 2) + v * LANES + lane] = T.Cast(
+                            dtype, moe.swiglu(acc[i, v, lane], acc[i, half + v, lane]))
+
+    return run
+
+
+def scatter_add(top_k: int):
+    """An epilogue: out[token, panel rows] += routing weight · sums, for each grouped row
+    (``order`` maps it back to its token and slot); each panel's task owns its rows."""
+    K = top_k
+
+    @T.macro
+    def run(out, routing, order, acc, first, t0, count, p, tokens):
+        for i in T.unroll(tokens):
+            if t0 + i < count:
+                for v in T.unroll(VECTORS):
+                    for lane in T.vectorized(LANES):
+                        out[order[first + t0 + i] // K, p * PANEL + v * LANES + lane] = (
+                            out[order[first + t0 + i] // K, p * PANEL + v * LANES + lane]
+                            + routing[order[first + t0 + i] // K, order[first + t0 + i] % K]
+                            * acc[i, v, lane])
+
+    return run
+
+
+def experts(num_experts: int, panels: int, depth: int, token_row, epilogue):
+    """A TVMScript macro: for each expert with grouped rows, a parallel task per panel of its
+    weight over its rows (``panel_rows``)."""
+    E, NP, pairs = num_experts, panels, depth // bf16_dot.PAIRS
+    rows = panel_rows(pairs, token_row, epilogue)
+
+    @T.macro
+    def run(x, weight, offsets, dst, routing, order):
+        x_words = T.decl_buffer((x.shape[0], pairs), bf16_dot.WORD, data=x.data)
+        w_panels = T.decl_buffer((E, NP, pairs, PANEL), bf16_dot.WORD, data=weight.data)
+        for e in T.serial(E, annotations=bf16_dot.IMPORT):
+            if offsets[e + 1] > offsets[e]:
+                for p in T.parallel(NP):
+                    rows(x_words, w_panels, e, p, order, offsets[e], offsets[e + 1] - offsets[e],
+                         dst, routing)
+
+    return run
+
+
+@functools.cache
+def expert_gate_up_silu(num_experts: int, top_k: int, hidden: int,
+                        intermediate: int) -> tirx.PrimFunc:
+    """``moe.moe_gate_up_silu`` for bfloat16 weights in ``PAIRED_LAYOUT``: act[r] =
+    silu(gate_e · x[token]) * (up_e · x[token]) for each grouped row r."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
+    run = experts(E, 2 * I // PANEL, H, moe.gathered_token(K), swiglu_pairs("bfloat16"))
+
+    @T.prim_func(private=True, s_tir=True)
+    def gate_up(var_x: T.handle, weight: T.Buffer((E, *panel_shape(2 * I, H)), "bfloat16"),
+                offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle, var_act: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, T.int64(H)), "bfloat16")
+        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
+        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), "bfloat16")
+        with T.sblock("gate_up"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            run(x, weight, offsets, act, None, order)
+
+    return gate_up
+
+
+@functools.cache
+def expert_down_scatter(num_experts: int, top_k: int, hidden: int,
+                        intermediate: int) -> tirx.PrimFunc:
+    """``moe.moe_down_scatter`` for bfloat16 weights in ``LAYOUT``: out[token] = Σ_slots
+    routing weight · (down_e · act[r]), in float32."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
+    run = experts(E, H // PANEL, I, moe.same_row, scatter_add(K))
+
+    @T.prim_func(private=True, s_tir=True)
+    def down(var_act: T.handle, weight: T.Buffer((E, *panel_shape(H, I)), "bfloat16"),
+             offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle,
+             var_routing: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), "bfloat16")
+        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
+        routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
+        out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
+        for t in T.parallel(n):
+            for h in T.vectorized(H):
+                out[t, h] = T.float32(0)
+        with T.sblock("down"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            run(act, weight, offsets, out, routing, order)
+
+    return down

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import host_target
 
 import qwen3c
 from qwen3c.reference import HFReference
+from qwen3c.schedules import bf16_dot, bf16_panel
 
 VARIANTS = {
     "norm-topk": {"norm_topk_prob": True},
@@ -103,10 +107,26 @@ def test_router_stats_off_by_default_and_dense_models_refuse(make_checkpoint, ma
         tiny_model.enable_router_stats()
 
 
-def test_bfloat16_moe_against_hf_bfloat16(make_checkpoint, make_artifact):
+# Experts whose sizes fit bfloat16 panels (schedules/bf16_panel.py: rows in 64s, gate and up
+# paired), with a head of 10 panels, so that on AVX512-BF16 every weight but the embedding is
+# stored in panels.
+PANEL_VARIANT = dict(VARIANTS["top4-untied"], moe_intermediate_size=64, vocab_size=640)
+
+
+@pytest.mark.parametrize("variant", ["top4-untied", "top4-panels"])
+def test_bfloat16_moe_against_hf_bfloat16(variant, make_checkpoint, make_artifact):
     """16-bit routing may legitimately pick other experts than float32 on near-ties, so the
     16-bit artifact is held to HF's own bfloat16 run."""
-    checkpoint, model = moe_model("top4-untied", make_checkpoint, make_artifact, "bfloat16")
+    config = PANEL_VARIANT if variant == "top4-panels" else VARIANTS[variant]
+    checkpoint = make_checkpoint(f"moe-{variant}", moe=True, **config)
+    artifact = make_artifact(checkpoint, dtype="bfloat16")
+    if variant == "top4-panels" and bf16_dot.usable(host_target(), "bfloat16"):
+        layouts = {p["name"]: p["layout"]
+                   for p in json.loads((artifact / "manifest.json").read_text())["params"]}
+        assert layouts["model.layers.0.mlp.experts.gate_up_proj"] == bf16_panel.PAIRED_LAYOUT
+        assert layouts["model.layers.0.mlp.experts.down_proj"] == bf16_panel.LAYOUT
+        assert layouts["lm_head.weight"] == bf16_panel.LAYOUT
+    model = qwen3c.load(artifact)
     ids = prompt(model.vocab_size, 64, seed=4)
     exact = HFReference(checkpoint, "float32").logits(ids)
     hf_bf16 = HFReference(checkpoint, "bfloat16").logits(ids)

@@ -9,36 +9,36 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from conftest import host_target
 from tvm.script import from_source
 
-from qwen3c.schedules import bf16_dot, moe, moe_gpu
-from qwen3c.targets import get_target
+from qwen3c.schedules import bf16_dot, bf16_panel, moe, moe_gpu
 
 E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
 FIRST_EXPERT_0 = np.zeros(1, np.int64)
 
 
 # The expert kernels' variants: (float32 lanes, vector registers, bfloat16 dot products,
-# hidden, intermediate); the dot products need sizes in steps of 32.
+# hidden, intermediate); the dot products need sizes in steps of 32, the panels
+# (schedules/bf16_panel.py, bfloat16 weights stored for them) rows in steps of 64.
 KERNELS = {"avx512": (16, 32, False, H, I), "avx2": (8, 16, False, H, I),
-           "neon": (4, 32, False, H, I), "avx512-bf16": (16, 32, True, 64, 96)}
-
-
-def host_target() -> tvm.target.Target:
-    backend = get_target("llvm")
-    return backend.tvm_target(backend.resolve(None, None))
+           "neon": (4, 32, False, H, I), "avx512-bf16": (16, 32, True, 64, 96),
+           "avx512-bf16-panels": (16, 32, True, 64, 96)}
+PANELS = "avx512-bf16-panels"
 
 
 def build(normalize: bool, dtype: str, local_experts: int = E, kernel: str = "avx512"):
     lanes, registers, bf16, hidden, intermediate = KERNELS[kernel]
-    funcs = {
-        "route": moe.moe_route(E, K, normalize),
-        "group": moe.moe_group(local_experts, K),
-        "gate_up": moe.moe_gate_up_silu(local_experts, K, hidden, intermediate, dtype, lanes,
-                                        registers, bf16),
-        "down": moe.moe_down_scatter(local_experts, K, hidden, intermediate, dtype, lanes,
-                                     registers, bf16),
-    }
+    if kernel == PANELS:
+        gate_up = bf16_panel.expert_gate_up_silu(local_experts, K, hidden, intermediate)
+        down = bf16_panel.expert_down_scatter(local_experts, K, hidden, intermediate)
+    else:
+        gate_up = moe.moe_gate_up_silu(local_experts, K, hidden, intermediate, dtype, lanes,
+                                       registers, bf16)
+        down = moe.moe_down_scatter(local_experts, K, hidden, intermediate, dtype, lanes,
+                                    registers, bf16)
+    funcs = {"route": moe.moe_route(E, K, normalize), "group": moe.moe_group(local_experts, K),
+             "gate_up": gate_up, "down": down}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     return tvm.compile(mod, target=host_target())
 
@@ -103,8 +103,13 @@ def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, kernel):
     np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
     np.testing.assert_array_equal(order, np.argsort(experts.reshape(-1), kind="stable"))
 
-    (act,) = run(lib, "gate_up", x, w_gate_up, offsets, order, outputs=[((n * K, I), dtype)])
-    (out,) = run(lib, "down", act, w_down, offsets, order, routing_weights,
+    stored_gate_up, stored_down = (
+        (bf16_panel.LAYOUTS[bf16_panel.PAIRED_LAYOUT](w_gate_up),
+         bf16_panel.LAYOUTS[bf16_panel.LAYOUT](w_down)) if kernel == PANELS
+        else (w_gate_up, w_down))
+    (act,) = run(lib, "gate_up", x, stored_gate_up, offsets, order,
+                 outputs=[((n * K, I), dtype)])
+    (out,) = run(lib, "down", act, stored_down, offsets, order, routing_weights,
                  outputs=[((n, H), "float32")])
 
     xf, w1, w2 = (a.astype(np.float32) for a in (x, w_gate_up, w_down))
