@@ -10,12 +10,15 @@ weight is stored (at compile time, ``to_panels``) as panels of ``PANEL`` rows, k
 so one k-pair of a panel is four 64-byte vectors, and a tile of ``TILE_TOKENS`` tokens x 64 rows
 takes per k-pair four vector loads, six broadcast x pairs and 24 ``vdpbf16ps`` into 24 register
 accumulators that already hold the outputs: no horizontal sums, vector stores. A panel is one
-contiguous run of memory, which decode streams start to end.
+contiguous run of memory, which decode streams start to end. MoE experts run the same tiles
+over each expert's grouped rows (``experts``); their gate_up panels pair 32 gate rows with the
+32 up rows of the same features (``paired_halves``), so SwiGLU runs on the tile's vectors.
 
 Measured alone (Zen 5, 2 threads, bfloat16, weights as the 0.6B's): prefill 128 tokens 800-920
 GFLOP/s against 520-610 for the dot-product tiles (6144x1024: 2.93 -> 1.76 ms), 32 tokens
 1.4-1.6x; decode (one token, weights from memory) 6144x1024 47 -> 53 GB/s, four tokens 22 ->
-44 GB/s (the row GEMV reads its rows once per token).
+44 GB/s (the row GEMV reads its rows once per token). In the MoE-small model the experts on
+panels made bfloat16 prefill-32 1.25x and prefill-128 1.48x faster than the dot-product tiles.
 """
 
 from __future__ import annotations
@@ -231,13 +234,13 @@ def scatter_add(top_k: int):
 
 
 def experts(num_experts: int, panels: int, depth: int, token_row, epilogue):
-    """A TVMScript macro: for each expert with grouped rows, a parallel task per panel of its
-    weight over its rows (``panel_rows``)."""
+    """A TVMScript macro (``moe``'s experts macro): for each expert with grouped rows, a
+    parallel task per panel of its weight over its rows (``panel_rows``)."""
     E, NP, pairs = num_experts, panels, depth // bf16_dot.PAIRS
     rows = panel_rows(pairs, token_row, epilogue)
 
     @T.macro
-    def run(x, weight, offsets, dst, routing, order):
+    def run(x, weight, offsets, dst, routing, order, count):
         x_words = T.decl_buffer((x.shape[0], pairs), bf16_dot.WORD, data=x.data)
         w_panels = T.decl_buffer((E, NP, pairs, PANEL), bf16_dot.WORD, data=weight.data)
         for e in T.serial(E, annotations=bf16_dot.IMPORT):
@@ -256,21 +259,7 @@ def expert_gate_up_silu(num_experts: int, top_k: int, hidden: int,
     silu(gate_e · x[token]) * (up_e · x[token]) for each grouped row r."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     run = experts(E, 2 * I // PANEL, H, moe.gathered_token(K), swiglu_pairs("bfloat16"))
-
-    @T.prim_func(private=True, s_tir=True)
-    def gate_up(var_x: T.handle, weight: T.Buffer((E, *panel_shape(2 * I, H)), "bfloat16"),
-                offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle, var_act: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, T.int64(H)), "bfloat16")
-        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
-        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), "bfloat16")
-        with T.sblock("gate_up"):
-            T.reads()  # runs once; nothing schedules this block
-            T.writes()
-            run(x, weight, offsets, act, None, order)
-
-    return gate_up
+    return moe.gate_up_kernel(E, K, H, I, "bfloat16", panel_shape(2 * I, H), run)
 
 
 @functools.cache
@@ -280,23 +269,4 @@ def expert_down_scatter(num_experts: int, top_k: int, hidden: int,
     routing weight · (down_e · act[r]), in float32."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     run = experts(E, H // PANEL, I, moe.same_row, scatter_add(K))
-
-    @T.prim_func(private=True, s_tir=True)
-    def down(var_act: T.handle, weight: T.Buffer((E, *panel_shape(H, I)), "bfloat16"),
-             offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle,
-             var_routing: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int64()
-        act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), "bfloat16")
-        order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
-        routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
-        out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
-        for t in T.parallel(n):
-            for h in T.vectorized(H):
-                out[t, h] = T.float32(0)
-        with T.sblock("down"):
-            T.reads()  # runs once; nothing schedules this block
-            T.writes()
-            run(act, weight, offsets, out, routing, order)
-
-    return down
+    return moe.down_kernel(E, K, H, I, "bfloat16", panel_shape(H, I), run)

@@ -16,7 +16,8 @@ in register tiles (``expert_tile``: tokens x weight rows of vector partial sums,
 vectors converted to float32 once per step for all the tile's tokens). All sums are in float32.
 
 TVM's own MoE kernels bind GPU threads only. ``moe_quant.py`` runs the same two expert steps
-over quantized weights.
+over quantized weights, ``bf16_panel.py`` over bfloat16 weights stored in panels (the build's
+choice on AVX512-BF16 CPUs; the ``bf16`` tiles here serve the shapes panels do not fit).
 """
 
 from __future__ import annotations
@@ -347,9 +348,17 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
                       gathered_token(K) if bf16 else same_row)  # xf is gathered already
     experts = (bf16_experts(E, 2 * I, H, run) if bf16
                else float_experts(E, H, gathered_token(K), run))
+    return gate_up_kernel(E, K, H, I, dtype, (2 * I, H), experts)
+
+
+def gate_up_kernel(num_experts: int, top_k: int, hidden: int, intermediate: int, dtype: str,
+                   weight_shape: tuple[int, ...], experts) -> tirx.PrimFunc:
+    """The grouped gate_up + SwiGLU kernel around ``experts(x, weight, offsets, act, None,
+    order, rows)``, each expert's weight stored in ``weight_shape``."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
 
     @T.prim_func(private=True, s_tir=True)
-    def gate_up(var_x: T.handle, weight: T.Buffer((E, 2 * I, H), dtype),
+    def gate_up(var_x: T.handle, weight: T.Buffer((E, *weight_shape), dtype),
                 offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle, var_act: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
@@ -376,9 +385,18 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
     run = expert_rows(H, J, J, lanes, registers, I, lambda base, j: T.min(base + j, H - 1),
                       scatter_add(H, J, K), bf16)
     experts = bf16_experts(E, H, I, run) if bf16 else float_experts(E, I, same_row, run)
+    return down_kernel(E, K, H, I, dtype, (H, I), experts)
+
+
+def down_kernel(num_experts: int, top_k: int, hidden: int, intermediate: int, dtype: str,
+                weight_shape: tuple[int, ...], experts) -> tirx.PrimFunc:
+    """The grouped down projection + weighted scatter-add kernel around ``experts(act, weight,
+    offsets, out, routing, order, rows)`` (``out`` zeroed first), each expert's weight stored
+    in ``weight_shape``."""
+    E, K, H, I = num_experts, top_k, hidden, intermediate
 
     @T.prim_func(private=True, s_tir=True)
-    def down(var_act: T.handle, weight: T.Buffer((E, H, I), dtype),
+    def down(var_act: T.handle, weight: T.Buffer((E, *weight_shape), dtype),
              offsets: T.Buffer((E + 1,), "int32"), var_order: T.handle,
              var_routing: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
