@@ -270,6 +270,7 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         f"parameters    {n_params / 1e6:.1f} M per shard in {len(manifest.params)} tensors, "
         f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
         f"quantized     {_describe_quant(manifest.quant)}",
+        f"layouts       {_describe_layouts(manifest.params)}",
         f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
         f"offloaded     {_describe_offload(manifest.offload)}",
         f"context       {manifest.context_length} tokens, prefill chunk "
@@ -292,6 +293,13 @@ def _describe_offload(offload: dict | None) -> str:
     taken = ", ".join(f"{op} x{count}" for op, count in sorted(ops.items()))
     return (f"{len(offload['partitions'])} partitions ({taken}); library "
             f"{offload['library'] or 'none'}: {offload['build']}")
+
+
+def _describe_layouts(params) -> str:
+    """Which tensors are stored in a kernel's layout (bfloat16 panels) rather than as in HF."""
+    layouts = Counter(p.layout for p in params if p.layout)
+    stored = ", ".join(f"{layout} x{count}" for layout, count in sorted(layouts.items()))
+    return stored or "as in the checkpoint (row-major)"
 
 
 def _short_quant(quant: dict[str, int]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -44,11 +43,6 @@ PAIRED_LAYOUT = "bf16-panels-64-gate-up-paired"  # MoE gate_up: see ``paired_hal
 def fits(n: int, k: int) -> bool:
     """Whether an [n, k] weight cuts into whole panels and whole dot-product steps."""
     return n % PANEL == 0 and k % bf16_dot.STEP == 0
-
-
-def usable(target: tvm.target.Target, dtype: str, n: int, k: int) -> bool:
-    """Whether an [n, k] ``dtype`` weight can be stored in panels for ``target``."""
-    return fits(n, k) and bf16_dot.usable(target, dtype, k)
 
 
 def panel_shape(n: int, k: int) -> tuple[int, int, int, int]:

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import WIDER_CONFIG, assert_as_faithful_as_hf_16bit, host_target
 
 import qwen3c
+from qwen3c.cli import main
 from qwen3c.reference import HFReference
 from qwen3c.schedules import bf16_dot, bf16_panel
 
@@ -37,6 +39,9 @@ def test_bfloat16_projections_and_head_on_panels_match_hf(make_checkpoint, make_
     on_panels = {name.split(".")[-2] for name, layout in layouts.items()
                  if layout == bf16_panel.LAYOUT}
     assert on_panels == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
+    stored = sum(layout == bf16_panel.LAYOUT for layout in layouts.values())
+    assert f"layouts       {bf16_panel.LAYOUT} x{stored}\n" in shown
     model = qwen3c.load(artifact)
     ids = np.random.default_rng(6).integers(0, model.vocab_size, 64).tolist()
     exact = HFReference(checkpoint, "float32").logits(ids)
