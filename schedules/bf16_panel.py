@@ -18,8 +18,8 @@ Measured alone (Zen 5, 2 threads, bfloat16, the 0.6B's four shapes, fastest of 3
 tokens 990-1010 GFLOP/s against 620-660 for the dot-product tiles (6144x1024: 2.60 -> 1.62 ms),
 32 tokens 880-910 against 550-600 (1.50-1.63x in all eight cases); decode (one token, weights
 from memory) 6144x1024 47 -> 53 GB/s, four tokens 22 -> 44 GB/s (the row GEMV reads its rows
-once per token). In the MoE-small model the experts on
-panels made bfloat16 prefill-32 1.25x and prefill-128 1.48x faster than the dot-product tiles.
+once per token). In the MoE-small model the experts on panels made bfloat16 prefill-32 1.25x
+and prefill-128 1.48x faster than the dot-product tiles.
 """
 
 from __future__ import annotations
