@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from conftest import host_target
 
 from qwen3c.schedules.attention import KEY_BLOCK, paged_decode_attention, ragged_prefill_attention
-from qwen3c.targets import get_target
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -40,9 +40,8 @@ def reference(q, k, v, q_lens, kv_lens, sm_scale, causal):
 
 
 def build(kernel):
-    llvm = get_target("llvm")
     return tvm.tirx.build(kernel.with_attr("global_symbol", "main"),
-                          target=llvm.tvm_target(llvm.resolve(None, None)))
+                          target=host_target())
 
 
 def assert_matches(out, lse, expected_out, expected_lse, dtype):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 from click.testing import CliRunner
-from conftest import WIDER_CONFIG
+from conftest import WIDER_CONFIG, host_target
 
 import qwen3c
 from qwen3c.cli import main
@@ -20,7 +20,6 @@ from qwen3c.schedules.quant import (
     quantize,
     quantized_matmul,
 )
-from qwen3c.targets import get_target
 from qwen3c.verify import compare_logits
 
 N = 80  # 5 tasks of 16 rows
@@ -29,8 +28,7 @@ SCHEMES = [QuantScheme(8, 32), QuantScheme(4, 32), QuantScheme(4, 16)]
 
 
 def build(scheme: QuantScheme, dtype: str, K: int, vnni: bool):
-    backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     kernel = quantized_matmul(N, K, scheme, dtype, vnni and has_vnni(target))
     return tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=target)
 
@@ -88,8 +86,7 @@ def test_kernels_match_numpy(scheme, dtype, K, vnni):
 def test_kernels_store_the_model_dtype_rounded_from_their_float32_sums(tokens):
     """``out_dtype="bfloat16"`` (what the projections use, so no cast kernel follows): each
     output is the float32 kernel's, rounded to bfloat16."""
-    backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     scheme, K = QuantScheme(4, 32), 512
     q, scale = quantize(np.random.default_rng(6).normal(size=(N, K)), scheme)
     x = np.random.default_rng(7).normal(size=(tokens, K)).astype(ml_dtypes.bfloat16)
@@ -122,8 +119,7 @@ def test_quantized_expert_kernels_match_numpy(scheme, vnni, n):
     (4 groups: blocks of 4, the VNNI path where the host has it) and intermediate 96 (3
     groups: blocks of 1, the plain path); 3 of 8 experts get no token."""
     E, K, H, I = 8, 2, 128, 96
-    backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     vnni = vnni and has_vnni(target)
     kernels = {"gate_up": quantized_gate_up_silu(E, K, H, I, scheme, "bfloat16", vnni),
                "down": quantized_down_scatter(E, K, H, I, scheme, "bfloat16", vnni)}

@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from conftest import host_target
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
 from qwen3c.schedules.rope import split_rotary
-from qwen3c.targets import get_target
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 THETA = 1e6
@@ -31,9 +31,8 @@ def reference(qkv: np.ndarray, positions: np.ndarray, q_heads: int, kv_heads: in
 
 
 def run(func, qkv, positions, q_heads, kv_heads, apply_rope):
-    llvm = get_target("llvm")
     lib = tvm.tirx.build(func.with_attr("global_symbol", "main"),
-                         target=llvm.tvm_target(llvm.resolve(None, None)))
+                         target=host_target())
     n, _, d = qkv.shape
     dev = tvm.cpu()
     outs = [tvm.runtime.empty((n, heads, d), str(qkv.dtype), dev)

@@ -34,7 +34,7 @@ def build(k: int, n: int, dtype: str):
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     mod = module.export_tvm(spec=spec)[0]
     backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     mod = run_pipeline(mod, backend.pipeline(target), target)
     return mod, relax.VirtualMachine(relax.build(mod, target=target, relax_pipeline=None),
                                      tvm.cpu())
@@ -173,7 +173,7 @@ def test_gate_up_and_swiglu_become_one_kernel(dtype, tolerance):
     spec = {"forward": {"x": nn.spec.Tensor(["m", hidden], dtype),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     mod = run_pipeline(module.export_tvm(spec=spec)[0], backend.pipeline(target), target)
     names = [gvar.name_hint for gvar in mod.functions]
     assert any(name.startswith("gate_up_silu") for name in names), names
@@ -203,7 +203,7 @@ def test_swiglu_without_projection_runs_our_kernel(dtype, tolerance):
     spec = {"forward": {"y": nn.spec.Tensor(["m", 2 * intermediate], dtype),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     mod = run_pipeline(SwiGLUOnly().export_tvm(spec=spec)[0], backend.pipeline(target), target)
     names = [gvar.name_hint for gvar in mod.functions]
     assert any(name.startswith("swiglu") for name in names), names
@@ -260,8 +260,7 @@ def test_fast_sigmoid_matches_numpy():
 def workspace_calls_in_tasks(kernel: tirx.PrimFunc) -> list[str]:
     """The buffers a built kernel takes from TVM's workspace pool inside its parallel tasks
     (calls through ``__TVMBackendAllocWorkspace`` in the ``__tvm_parallel_lambda`` functions)."""
-    backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     ir = tvm.tirx.build(kernel.with_attr("global_symbol", "kernel"),
                         target=target).inspect_source("ll")
     found, in_task, pool = [], False, set()
@@ -369,7 +368,7 @@ def test_qk_norm_chain_becomes_one_kernel(dtype, tolerance):
                                               dtype),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     module = QKNorm(q_heads, kv_heads, head_dim)
     mod = run_pipeline(module.export_tvm(spec=spec)[0], backend.pipeline(target), target)
     names = [gvar.name_hint for gvar in mod.functions]
@@ -416,7 +415,7 @@ def test_residual_add_and_norm_become_one_kernel(dtype, tolerance):
                         "projected": nn.spec.Tensor(["b", "s", hidden], "float32"),
                         "$": {"param_mode": "packed", "effect_mode": "none"}}}
     backend = get_target("llvm")
-    target = backend.tvm_target(backend.resolve(None, None))
+    target = host_target()
     mod = run_pipeline(ResidualNorm(hidden).export_tvm(spec=spec)[0],
                        backend.pipeline(target), target)
     names = [gvar.name_hint for gvar in mod.functions]
