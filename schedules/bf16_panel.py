@@ -30,7 +30,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, moe
+from qwen3c.schedules import bf16_dot, cpu_gemm, moe
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES = bf16_dot.LANES
@@ -171,18 +171,8 @@ def projection(n: int, k: int, out_dtype: str):
 @functools.cache
 def panel_gemm(n: int, k: int, out_dtype: str) -> tirx.PrimFunc:
     """``projection`` as a kernel."""
-    N, K = n, k
-    body = projection(n, k, out_dtype)
-
-    @T.prim_func(private=True, s_tir=True)
-    def gemm(var_x: T.handle, w: T.Buffer(panel_shape(n, k), "bfloat16"), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
-        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
-        body(x, w, y, m)
-
-    return gemm
+    return cpu_gemm.gemm_kernel(projection(n, k, out_dtype), n, k, "bfloat16",
+                                panel_shape(n, k), out_dtype)
 
 
 def experts_fit(hidden: int, intermediate: int) -> bool:

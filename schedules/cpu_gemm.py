@@ -24,7 +24,7 @@ On CPUs with AVX512-BF16, bfloat16 prefills of every length run the same 6 x 4 d
 tiles on ``vdpbf16ps`` instead (``bf16_projection``, ``bf16_dot.py``): no conversion, twice the
 multiply-adds per instruction (Zen 5, 6144x1024 at 128 tokens: 5.5 -> 3.1 ms). The model's own
 projections and an untied head do not come here on such CPUs: their weights are stored in
-panels for ``vdpbf16ps`` (``bf16_panel.py``, 1.4-1.6x these tiles); what is left here is the
+panels for ``vdpbf16ps`` (``bf16_panel.py``, 1.50-1.63x these tiles); what is left here is the
 tied head (the embedding table, stored by rows) and weights whose sizes the panels do not fit.
 
 ``dispatch_cpu_gemm`` routes ``matmul(x, permute_dims(W), out_dtype=float32)`` with a 2-D
@@ -245,15 +245,21 @@ def projection(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
 def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
             bf16: bool = False) -> tirx.PrimFunc:
     """``projection`` as a kernel."""
+    return gemm_kernel(projection(n, k, dtype, lanes, registers, bf16), n, k, dtype, (n, k))
+
+
+def gemm_kernel(body, n: int, k: int, dtype: str, weight_shape: tuple[int, ...],
+                out_dtype: str = OUT_DTYPE) -> tirx.PrimFunc:
+    """A kernel y[m, n] (``out_dtype``) = ``body(x, w, y, m)`` for x [m, k] in ``dtype`` and a
+    weight stored as ``weight_shape``, any token count m; opaque to operator fusion."""
     N, K = n, k
-    body = projection(n, k, dtype, lanes, registers, bf16)
 
     @T.prim_func(private=True, s_tir=True)
-    def gemm(var_x: T.handle, w: T.Buffer((N, K), dtype), var_y: T.handle):
+    def gemm(var_x: T.handle, w: T.Buffer(weight_shape, dtype), var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         m = T.int64()
         x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
-        y = T.match_buffer(var_y, (m, T.int64(N)), OUT_DTYPE)
+        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
         body(x, w, y, m)
 
     return gemm
