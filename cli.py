@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from qwen3c.compile.quantization import SCHEMES
 from qwen3c.errors import Qwen3cError
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -64,13 +65,14 @@ def main() -> None:
               help="Cut the model over this many devices (heads, intermediate rows).")
 @click.option("--expert-parallel", is_flag=True,
               help="MoE: partition the experts over the devices instead of cutting each.")
-@click.option("--quant", type=click.Choice(["q8", "q4"]), default=None,
-              help="Store the projections as group-wise int8 or int4 (lm_head: see --quant-head).")
+@click.option("--quant", type=click.Choice(list(SCHEMES)), default=None,
+              help="Store the projections as group-wise int8, int6 or int4 (lm_head: see "
+              "--quant-head).")
 @click.option("--quant-group", type=int, default=32, show_default=True,
               help="Weights per quantization scale.")
-@click.option("--quant-head", type=click.Choice(["q8", "q4"]), default=None,
-              help="With --quant: the lm_head's integers (default q8; q4 reads half the bytes "
-              "and moves the logits more).")
+@click.option("--quant-head", type=click.Choice(list(SCHEMES)), default=None,
+              help="With --quant: the lm_head's integers (default q8 with --quant q8, else q6; "
+              "q4 reads fewer bytes and moves the logits more).")
 @click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
               help="Replay the schedules `qwen3c tune` wrote into this directory.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
@@ -110,7 +112,7 @@ def _describe_tuning(tuning: dict | None) -> str:
 @click.option("--target", default="llvm", show_default=True, help="Compilation target.")
 @click.option("--cpu", default=None, help="LLVM CPU name (default: this host's).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
-@click.option("--quant", type=click.Choice(["q8", "q4"]), default=None,
+@click.option("--quant", type=click.Choice(list(SCHEMES)), default=None,
               help="Tune the kernels of the quantized model.")
 @click.option("--quant-group", type=int, default=32, show_default=True)
 @click.option("--trials", type=int, default=64, show_default=True,

@@ -1,13 +1,14 @@
 """Weight quantization declared on the model: which parameters hold integers, which their scales.
 
-``qwen3c compile --quant q8|q4`` stores the decoder projections (q/k/v, o, gate/up, down) and
-the MoE experts' gate_up and down as group-wise symmetric integers with bfloat16 scales
-(``schedules/quant.py``, ``schedules/moe_quant.py``). The lm_head is int8 unless
-``--quant-head q4`` asks for int4 (a tied head gets its own integer copy of the embedding
-table): it is 40 % of the bytes a 0.6B q4 model reads per token (79 % for the MoE-small
-shape), but its errors land on the logits directly, so the smaller head is the user's choice,
-not the default. The embedding lookup, norms and the MoE router stay in the model dtype, as
-does any projection whose sizes the group or the kernels' row tiles do not divide.
+``qwen3c compile --quant q8|q6|q4`` stores the decoder projections (q/k/v, o, gate/up, down)
+and the MoE experts' gate_up and down as group-wise symmetric integers with bfloat16 scales
+(``schedules/quant.py``, ``schedules/moe_quant.py``). The lm_head (a tied head gets its own
+integer copy of the embedding table) is int8 in q8 builds and int6 in q6 and q4 builds, as
+llama.cpp gives its q4_0 files a Q6_K head: the head is 40 % of the bytes a 0.6B q4 model
+reads per token with int8 (79 % for the MoE-small shape), and its errors land on the logits
+directly, so it keeps more bits than the projections unless ``--quant-head q4`` asks for
+int4. The embedding lookup, norms and the MoE router stay in the model dtype, as does any
+projection whose sizes the group or the kernels' row tiles do not divide.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from qwen3c.schedules.quant import QuantScheme
 
 QUANT_ATTR = "quant"
 SCALE_SUFFIX = "_scale"
-DEFAULT_HEAD = "q8"
-SCHEMES = {"q8": 8, "q4": 4}
+SCHEMES = {"q8": 8, "q6": 6, "q4": 4}
 DEFAULT_GROUP = 32
 
 
@@ -47,7 +47,7 @@ class QuantParam:
         *lead, cols = shape
         if self.role == "scales":
             return (*lead, cols * self.group)
-        return (*lead, cols * (2 if self.bits == 4 else 1))
+        return (*lead, cols * 8 // self.bits)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,21 +63,32 @@ def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | 
         return None
     if name not in SCHEMES:
         raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)}")
-    if group < 8 or group % 8:
-        raise ConfigError(f"quantization group size must be a multiple of 8, got {group}")
-    return QuantScheme(SCHEMES[name], group)
+    scheme = QuantScheme(SCHEMES[name], group)
+    if group < scheme.group_multiple or group % scheme.group_multiple:
+        raise ConfigError(f"{name}'s group size must be a multiple of {scheme.group_multiple}, "
+                          f"got {group}")
+    return scheme
+
+
+def default_head_bits(scheme: QuantScheme) -> int:
+    """int8 beside int8 projections; int6 beside narrower ones where the group allows it."""
+    int6 = QuantScheme(6, scheme.group)
+    return 6 if scheme.bits < 8 and scheme.group % int6.group_multiple == 0 else 8
 
 
 def parse_quantization(name: str | None, group: int, head: str | None
                        ) -> tuple[QuantScheme | None, QuantScheme | None]:
-    """The schemes of the projections and of the lm_head (int8 unless ``head`` says)."""
+    """The schemes of the projections and of the lm_head (``default_head_bits`` unless
+    ``head`` says)."""
     scheme = parse_scheme(name, group)
     if scheme is None:
         if head is not None:
             raise ConfigError("--quant-head needs --quant: an unquantized model keeps its "
                               "lm_head in the model dtype")
         return None, None
-    return scheme, parse_scheme(head or DEFAULT_HEAD, group)
+    if head is None:
+        return scheme, QuantScheme(default_head_bits(scheme), group)
+    return scheme, parse_scheme(head, group)
 
 
 def mark_quantized(values: nn.Parameter, scales: nn.Parameter, scheme: QuantScheme) -> None:

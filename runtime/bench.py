@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3c.compile.quantization import DEFAULT_HEAD, SCHEMES
+from qwen3c.compile.quantization import default_head_bits
 from qwen3c.runtime.artifact import Manifest
 from qwen3c.runtime.model import Model
+from qwen3c.schedules.quant import QuantScheme
 
 DECODE_CONTEXT = 32  # decode starts from a prompt of this many tokens
 
@@ -116,11 +117,12 @@ def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int
 
 def engine_label(manifest: Manifest) -> str:
     """qwen3c, with the quantization and sharding of the artifact: e.g. qwen3c-q4,
-    qwen3c-q4-head-q4 (an lm_head not int8), -tp2."""
+    qwen3c-q4-head-q4 (an lm_head other than the default), -tp2."""
     parallel, label = manifest.parallel, "qwen3c"
     if manifest.quant:
         label += f"-q{manifest.quant['bits']}"
-        if manifest.quant["head_bits"] != SCHEMES[DEFAULT_HEAD]:
+        scheme = QuantScheme(manifest.quant["bits"], manifest.quant["group"])
+        if manifest.quant["head_bits"] != default_head_bits(scheme):
             label += f"-head-q{manifest.quant['head_bits']}"
     if parallel.shards > 1:
         label += f"-{'ep' if parallel.expert_parallel else 'tp'}{parallel.shards}"

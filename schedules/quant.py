@@ -3,10 +3,10 @@
 A weight W [N, K] is cut along K into groups of G; each group keeps one bfloat16 scale s and
 integers q = round(w / s): for 8 bits s = max|w| / 127, q in [-127, 127]; for 4 bits, q in
 [-8, 7], the element of largest magnitude m gives s = m / -8 (or, where that has less squared
-error, a slightly smaller scale). Each scale is rounded to bfloat16 *before* the integers are
-chosen (the extreme element may then round to one level past the range, and is clipped), so
-the stored scale is exact and takes 2 bytes per group instead of 4 (a tenth of an int4 model's
-bytes).
+error, a slightly smaller scale); 6 bits likewise with q in [-32, 31] and s = m / -32. Each
+scale is rounded to bfloat16 *before* the integers are chosen (the extreme element may then
+round to one level past the range, and is clipped), so the stored scale is exact and takes 2
+bytes per group instead of 4 (a tenth of an int4 model's bytes).
 
 The kernel multiplies in integers: each token's activations are quantized per group of G to int8
 (scale max|x| / 127, as llama.cpp's q8_0), and the products of a group are summed by 4-byte
@@ -21,18 +21,25 @@ of each group in turn, offset to be unsigned:
                        (i // 4) · 64 + g · 4 + i % 4
     int4   [N, K / 2]  uint8, q + 8 in nibbles; within a block, byte (j // 4) · 64 + g · 4 +
                        j % 4 holds element j of group g (low nibble) and element j + G/2 (high)
+    int6   [N, 3K / 4] uint8, q + 32: a block of B elements is its low four bits as int4
+                       (B / 2 bytes), then their top two bits (B / 4 bytes): byte
+                       (s // 4) · 64 + g · 4 + d of those holds at bits 2 (s % 4) the top bits
+                       of the element that dot-product step s (the int4 layout's nibble s % 2
+                       of vector s // 2) puts at g · 4 + d
     scale  [N, K / G]  bfloat16
 
 (with L < 16 groups per block, 64 becomes 4L), so a block's int32 lanes end as its groups'
 sums, scaled by a contiguous vector of weight scales times activation scales; the offset is
-removed as offset · Σx per group, once per token. G must be a multiple of 8.
+removed as offset · Σx per group, once per token. G must be a multiple of 8 (of 16 for 6 bits).
+With the scales a weight costs 1.06 bytes in int8, 0.81 in int6 (llama.cpp's Q6_K: 0.82) and
+0.56 in int4; the lm_head of 4-bit builds takes int6 (``compile/quantization.py``).
 
 ``quantize`` (numpy) makes them at compile time. ``quantized_matmul`` computes y = x Wᵀ for any
 number of tokens: for prefill too it beat rebuilding W and running the float32 GEMM of
 ``cpu_gemm.py`` (6144x1024, q4, 2 threads: 2.4 vs 8.2 ms at 32 tokens, 5.1 vs 15.7 ms at 128;
 later 0.9 and 3.2 ms; on the Zen 5 host 0.8 and 2.8 ms), since a task's weight rows stay in L1
 while the tokens pass over them, TILE_TOKENS at a time so that each weight vector is loaded
-(and, for 4 bits, unpacked) once for all of them.
+(and, for 4 and 6 bits, unpacked) once for all of them.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
 
 SCALE_DTYPE = "bfloat16"
-INT4_SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # scales tried below the exact-extreme one
+TOP_SHIFTS = (2 * np.arange(4, dtype=np.uint8))[:, None]  # int6: step s's top bits at 2 (s % 4)
+SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # int4/int6 scales tried below the exact-extreme one
 ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows streamed from
 #                   memory: 9.6 ms with 8, 7.3 with 16, 7.8 with 32; prefill 6144x1024 at 128
 #                   tokens 1.15x faster than 8)
@@ -66,20 +74,26 @@ TILE_TOKENS = 3  # tokens sharing each weight vector. 6144x1024 at 128 tokens, 2
 
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
-    bits: int  # 8 or 4
+    bits: int  # 8, 6 or 4
     group: int  # elements per scale, along K
 
     @property
     def qmax(self) -> int:
-        return 127 if self.bits == 8 else 7
+        return 127 if self.bits == 8 else 2 ** (self.bits - 1) - 1
 
     @property
     def qmin(self) -> int:  # magnitude of the most negative level
-        return 127 if self.bits == 8 else 8
+        return 127 if self.bits == 8 else 2 ** (self.bits - 1)
 
     @property
     def offset(self) -> int:  # what the stored integers are above the signed ones
-        return 128 if self.bits == 8 else 8
+        return 2 ** (self.bits - 1)
+
+    @property
+    def group_multiple(self) -> int:
+        """What G must divide by: int6 keeps the top bits of four dot-product steps (of G/4
+        per group) in one byte."""
+        return 16 if self.bits == 6 else 8
 
     @property
     def storage_dtype(self) -> str:
@@ -90,13 +104,14 @@ class QuantScheme:
         return next(lanes for lanes in (MAX_LANES, 8, 4, 2, 1) if k // self.group % lanes == 0)
 
     def storage_shape(self, n: int, k: int) -> tuple[int, int]:
-        return (n, k) if self.bits == 8 else (n, k // 2)
+        return (n, k * self.bits // 8)
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
         return (n, k // self.group)
 
     def fits(self, n: int, k: int) -> bool:
-        return k % self.group == 0 and n % ROWS_PER_TASK == 0 and self.group % 8 == 0
+        return (k % self.group == 0 and n % ROWS_PER_TASK == 0
+                and self.group % self.group_multiple == 0)
 
 
 def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +123,14 @@ def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.nd
     if scheme.bits == 8:
         scale, q = _rounded(groups, np.abs(groups).max(axis=-1, keepdims=True) / 127, scheme)
     else:
-        # The largest magnitude maps to -8, so all 16 levels are used; then a few smaller
-        # scales are tried (clipping that one element a little) and the least squared error
-        # per group wins, which helps groups with one outlier.
+        # The largest magnitude maps to the lowest level (-8, -32), so all levels are used;
+        # then a few smaller scales are tried (clipping that one element a little) and the
+        # least squared error per group wins, which helps groups with one outlier.
         extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
-        scale, q = _rounded(groups, extreme / -8, scheme)
+        scale, q = _rounded(groups, extreme / -scheme.qmin, scheme)
         best = _squared_error(groups, scale, q)
-        for shrink in INT4_SHRINKS:
-            trial_scale, trial_q = _rounded(groups, extreme / -8 * shrink, scheme)
+        for shrink in SHRINKS:
+            trial_scale, trial_q = _rounded(groups, extreme / -scheme.qmin * shrink, scheme)
             error = _squared_error(groups, trial_scale, trial_q)
             better = error < best
             scale = np.where(better, trial_scale, scale)
@@ -139,33 +154,57 @@ def _squared_error(groups: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.n
 
 
 def _blocked_shape(n: int, k: int, scheme: QuantScheme) -> tuple[int, ...]:
-    """[row, block, group, (4-bit: half,) step, element of step] in natural element order."""
+    """[row, block, group, (4/6-bit: half,) step, element of step] in natural element order."""
     steps = scheme.group // DOT if scheme.bits == 8 else scheme.group // (2 * DOT)
     halves = () if scheme.bits == 8 else (2,)
     lanes = scheme.lanes(k)
     return (n, k // (lanes * scheme.group), lanes, *halves, steps, DOT)
 
 
+def _step_axes(scheme: QuantScheme) -> tuple[int, ...]:
+    """The transposition of ``_blocked_shape`` that puts a block's elements in the order the
+    dot products meet them: [row, block, step, (half,) group, element]; its own inverse."""
+    return (0, 1, 3, 2, 4) if scheme.bits == 8 else (0, 1, 4, 3, 2, 5)
+
+
+def _by_step(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Natural order [N, K] -> [N, block, dot-product step, byte of the step's vector]."""
+    n, k = stored.shape
+    lanes = scheme.lanes(k)
+    blocked = stored.reshape(_blocked_shape(n, k, scheme)).transpose(_step_axes(scheme))
+    return blocked.reshape(n, k // (lanes * scheme.group), scheme.group // DOT, lanes * DOT)
+
+
 def _interleave(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
     """Natural order [N, K] (offset integers) -> the storage layout."""
-    n, k = stored.shape
-    blocked = stored.reshape(_blocked_shape(n, k, scheme))
-    if scheme.bits == 8:  # -> [row, block, step, group, element]
-        return blocked.transpose(0, 1, 3, 2, 4).reshape(n, k)
-    low, high = blocked[:, :, :, 0], blocked[:, :, :, 1]  # [row, block, group, step, element]
-    packed = low | (high << 4)
-    return packed.transpose(0, 1, 3, 2, 4).reshape(n, k // 2)
+    steps = _by_step(stored, scheme)
+    if scheme.bits == 8:
+        return steps.reshape(stored.shape[0], -1)
+    low = steps & 15
+    packed = low[:, :, 0::2] | (low[:, :, 1::2] << 4)  # step 2i: low nibbles, 2i + 1: high
+    if scheme.bits == 6:  # then the top two bits of steps 4i .. 4i + 3, two bits a step
+        n, blocks, count, width = steps.shape
+        top = (steps >> 4).reshape(n, blocks, count // 4, 4, width) << TOP_SHIFTS
+        packed = np.concatenate([packed, np.bitwise_or.reduce(top, axis=3)], axis=2)
+    return packed.reshape(stored.shape[0], -1)
 
 
 def _natural(q: np.ndarray, scheme: QuantScheme, k: int) -> np.ndarray:
     """The storage layout -> natural order [N, K] (offset integers)."""
     n = q.shape[0]
+    lanes = scheme.lanes(k)
+    blocks, count, width = k // (lanes * scheme.group), scheme.group // DOT, lanes * DOT
+    packed = q.reshape(n, blocks, -1, width)
+    steps = packed
+    if scheme.bits != 8:
+        nibbles = packed[:, :, :count // 2]
+        steps = np.stack([nibbles & 15, nibbles >> 4], axis=3).reshape(n, blocks, count, width)
+    if scheme.bits == 6:
+        top = (packed[:, :, count // 2:, None] >> TOP_SHIFTS) & 3
+        steps = steps | (top.reshape(n, blocks, count, width) << 4)
     shape = _blocked_shape(n, k, scheme)
-    if scheme.bits == 8:
-        stored = q.reshape(shape[0], shape[1], shape[3], shape[2], shape[4])
-        return stored.transpose(0, 1, 3, 2, 4).reshape(n, k)
-    packed = q.reshape(shape[0], shape[1], shape[4], shape[2], shape[5]).transpose(0, 1, 3, 2, 4)
-    return np.stack([packed & 0xF, packed >> 4], axis=3).reshape(n, k)
+    axes = _step_axes(scheme)
+    return steps.reshape([shape[a] for a in axes]).transpose(axes).reshape(n, k)
 
 
 def dequantize_reference(q: np.ndarray, scale: np.ndarray, scheme: QuantScheme) -> np.ndarray:
@@ -234,8 +273,9 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
     ``activation_row(order, first + min(t0 + i, last))``, for ``j < rows`` and ``i < tokens``.
 
     It walks the rows' blocks: per row and block, one int32 vector of LANES group sums for
-    each token (STEPS dot products, two per weight vector for 4 bits: low and high nibbles;
-    each weight vector is loaded once for all the tokens), folded into a float32 accumulator
+    each token (STEPS dot products, two per weight vector for 4 and 6 bits: low and high
+    nibbles, and for 6 bits the top two bits of four steps from one more vector; each weight
+    vector is loaded once for all the tokens), folded into a float32 accumulator
     vector per row and token with the weight and activation scales; the offset is removed once
     per group.
 
@@ -247,7 +287,7 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
     LANES = scheme.lanes(k)
     B, V = LANES * G, LANES * DOT  # elements per block, bytes per dot product
     BLOCKS, STEPS = K // B, B // V  # blocks per row, dot products per block
-    BLOCK_BYTES = B if scheme.bits == 8 else B // 2
+    BLOCK_BYTES = B * scheme.bits // 8  # for 6 bits: B / 2 of nibbles, then B / 4 of top bits
 
     def weights(q, e, row, block, step, first, count):
         """``count`` unsigned levels from byte ``first`` of the weights that meet
@@ -257,13 +297,20 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
             return q[e, row, index] if experts else q[row, index]
 
         def splat(value):
-            return T.broadcast(T.uint8(value), count) if count > 1 else T.uint8(value)
+            value = T.Cast("uint8", value)
+            return T.broadcast(value, count) if count > 1 else value
 
+        start = block * BLOCK_BYTES
         if scheme.bits == 8:
-            return at(block * B + step * V)
-        byte = at(block * (B // 2) + step // 2 * V)
-        return T.if_then_else(step % 2 == 0, T.bitwise_and(byte, splat(15)),
-                              T.shift_right(byte, splat(4)))
+            return at(start + step * V)
+        byte = at(start + step // 2 * V)
+        nibble = T.if_then_else(step % 2 == 0, T.bitwise_and(byte, splat(15)),
+                                T.shift_right(byte, splat(4)))
+        if scheme.bits == 4:
+            return nibble
+        top = T.bitwise_and(T.shift_right(at(start + B // 2 + step // 4 * V),
+                                          splat(2 * (step % 4))), splat(3))
+        return T.bitwise_or(nibble, T.shift_left(top, splat(4)))
 
     @T.macro
     def prefetch(q, e, base, j, block):
