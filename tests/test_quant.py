@@ -11,7 +11,7 @@ from conftest import WIDER_CONFIG, host_target
 
 import qwen3c
 from qwen3c.cli import main
-from qwen3c.compile.quantization import SCHEMES, default_head_bits
+from qwen3c.compile.quantization import SCHEMES, default_head_bits, parse_quantization
 from qwen3c.reference import HFReference
 from qwen3c.runtime.artifact import read_manifest
 from qwen3c.schedules.moe_quant import quantized_down_scatter, quantized_gate_up_silu
@@ -303,6 +303,18 @@ def test_each_lm_head_matches_hf_with_the_same_weights(make_checkpoint, make_art
         assert same_weights.agreement >= 0.95 and same_weights.kl <= 3e-4, (head, same_weights)
         kl_to_hf[head_bits] = compare_logits(ours, exact, ids).kl
     assert kl_to_hf[4] <= 1.25 * kl_to_hf[6] and kl_to_hf[6] <= 1.1 * kl_to_hf[8], kl_to_hf
+
+
+def test_the_default_head_follows_the_projections_and_the_group():
+    """int8 beside int8, int6 beside int6 / int4; a group of 8 cannot hold int6 (four steps'
+    top bits share a byte), so a q4 build with it keeps an int8 head, and q6 refuses it."""
+    heads = {(name, group): parse_quantization(name, group, None)[1].bits
+             for name, group in (("q8", 32), ("q6", 32), ("q4", 32), ("q4", 16), ("q4", 8))}
+    assert heads == {("q8", 32): 8, ("q6", 32): 6, ("q4", 32): 6, ("q4", 16): 6, ("q4", 8): 8}
+    with pytest.raises(qwen3c.ConfigError, match="multiple of 16"):
+        parse_quantization("q6", 8, None)
+    with pytest.raises(qwen3c.ConfigError, match="multiple of 16"):
+        parse_quantization("q4", 8, "q6")
 
 
 def test_a_quantized_head_needs_quantized_projections(tiny_checkpoint, tmp_path):
