@@ -64,7 +64,7 @@ def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | 
     if name not in SCHEMES:
         raise ConfigError(f"unknown quantization {name!r}; choose one of {', '.join(SCHEMES)}")
     scheme = QuantScheme(SCHEMES[name], group)
-    if group < scheme.group_multiple or group % scheme.group_multiple:
+    if not scheme.group_fits:
         raise ConfigError(f"{name}'s group size must be a multiple of {scheme.group_multiple}, "
                           f"got {group}")
     return scheme
@@ -72,8 +72,7 @@ def parse_scheme(name: str | None, group: int = DEFAULT_GROUP) -> QuantScheme | 
 
 def default_head_bits(scheme: QuantScheme) -> int:
     """int8 beside int8 projections; int6 beside narrower ones where the group allows it."""
-    int6 = QuantScheme(6, scheme.group)
-    return 6 if scheme.bits < 8 and scheme.group % int6.group_multiple == 0 else 8
+    return 6 if scheme.bits < 8 and QuantScheme(6, scheme.group).group_fits else 8
 
 
 def parse_quantization(name: str | None, group: int, head: str | None

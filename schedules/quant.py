@@ -96,6 +96,10 @@ class QuantScheme:
         return 16 if self.bits == 6 else 8
 
     @property
+    def group_fits(self) -> bool:
+        return self.group >= self.group_multiple and self.group % self.group_multiple == 0
+
+    @property
     def storage_dtype(self) -> str:
         return "uint8"
 
@@ -110,8 +114,7 @@ class QuantScheme:
         return (n, k // self.group)
 
     def fits(self, n: int, k: int) -> bool:
-        return (k % self.group == 0 and n % ROWS_PER_TASK == 0
-                and self.group % self.group_multiple == 0)
+        return k % self.group == 0 and n % ROWS_PER_TASK == 0 and self.group_fits
 
 
 def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +170,17 @@ def _step_axes(scheme: QuantScheme) -> tuple[int, ...]:
     return (0, 1, 3, 2, 4) if scheme.bits == 8 else (0, 1, 4, 3, 2, 5)
 
 
-def _by_step(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """Natural order [N, K] -> [N, block, dot-product step, byte of the step's vector]."""
-    n, k = stored.shape
+def _step_grid(n: int, k: int, scheme: QuantScheme) -> tuple[int, int, int, int]:
+    """[row, block, dot-product step, byte of the step's vector]: the shape the packing reads."""
     lanes = scheme.lanes(k)
+    return (n, k // (lanes * scheme.group), scheme.group // DOT, lanes * DOT)
+
+
+def _by_step(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Natural order [N, K] -> ``_step_grid``."""
+    n, k = stored.shape
     blocked = stored.reshape(_blocked_shape(n, k, scheme)).transpose(_step_axes(scheme))
-    return blocked.reshape(n, k // (lanes * scheme.group), scheme.group // DOT, lanes * DOT)
+    return blocked.reshape(_step_grid(n, k, scheme))
 
 
 def _interleave(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
@@ -191,9 +199,7 @@ def _interleave(stored: np.ndarray, scheme: QuantScheme) -> np.ndarray:
 
 def _natural(q: np.ndarray, scheme: QuantScheme, k: int) -> np.ndarray:
     """The storage layout -> natural order [N, K] (offset integers)."""
-    n = q.shape[0]
-    lanes = scheme.lanes(k)
-    blocks, count, width = k // (lanes * scheme.group), scheme.group // DOT, lanes * DOT
+    n, blocks, count, width = _step_grid(q.shape[0], k, scheme)
     packed = q.reshape(n, blocks, -1, width)
     steps = packed
     if scheme.bits != 8:
