@@ -108,7 +108,7 @@ class QuantLinear(nn.Module):
         return kernel_projection(
             x, N, self.bias, self.out_dtype, "quantized_matmul",
             lambda sums: quant.quantized_matmul(N, K, self.scheme, self.dtype,
-                                                quant.has_vnni(Target.current()), sums),
+                                                quant.integer_dots(Target.current()), sums),
             self.weight, self.weight_scale)
 
 
@@ -373,14 +373,14 @@ class Qwen3MoeExperts(nn.Module):
             moe.moe_group(E, k), "moe_group", [experts, self.first_expert()],
             [Tensor.placeholder((E + 1,), "int32"), Tensor.placeholder((n * k,), "int32")])
         if self.scheme:
-            vnni = quant.has_vnni(Target.current())
+            dots = quant.integer_dots(Target.current())
             act = op.tensor_ir_op(
-                moe_quant.quantized_gate_up_silu(E, k, H, I, self.scheme, self.dtype, vnni),
+                moe_quant.quantized_gate_up_silu(E, k, H, I, self.scheme, self.dtype, dots),
                 "quantized_gate_up_silu",
                 [x, self.gate_up_proj, self.gate_up_proj_scale, offsets, order],
                 Tensor.placeholder((n * k, I), self.dtype))
             return op.tensor_ir_op(
-                moe_quant.quantized_down_scatter(E, k, H, I, self.scheme, self.dtype, vnni),
+                moe_quant.quantized_down_scatter(E, k, H, I, self.scheme, self.dtype, dots),
                 "quantized_down_scatter",
                 [act, self.down_proj, self.down_proj_scale, offsets, order, weights],
                 Tensor.placeholder((n, H), ACCUMULATE))

@@ -18,6 +18,7 @@ from qwen3c.schedules.moe import paired_rows, scatter_add, swiglu_store
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
+    IntegerDots,
     QuantScheme,
     activation_quantizer,
     tiled_row_dots,
@@ -45,7 +46,8 @@ def each_expert(num_experts: int, features: int, width: int, run):
 
 @functools.cache
 def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                           scheme: QuantScheme, dtype: str, vnni: bool) -> tirx.PrimFunc:
+                           scheme: QuantScheme, dtype: str,
+                           dots: IntegerDots) -> tirx.PrimFunc:
     """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row; a
     task's rows are P gate rows and the up rows of the same features. Each token's activations
     are quantized once; grouped row r reads those of token ``order[r] // K``."""
@@ -53,7 +55,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     P = ROWS_PER_TASK // 2
     QN, QH = scheme.storage_shape(2 * I, H)
     quantize = activation_quantizer(scheme, H)
-    run = tiled_row_dots(scheme, H, 2 * P, vnni, paired_rows(I, P), True,
+    run = tiled_row_dots(scheme, H, 2 * P, dots, paired_rows(I, P), True,
                          swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, run)
 
@@ -79,7 +81,8 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
 
 @functools.cache
 def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
-                           scheme: QuantScheme, dtype: str, vnni: bool) -> tirx.PrimFunc:
+                           scheme: QuantScheme, dtype: str,
+                           dots: IntegerDots) -> tirx.PrimFunc:
     """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32; each task owns
     its output features and a token meets an expert at most once, so no two tasks add to
     the same element."""
@@ -87,7 +90,7 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     NG = ROWS_PER_TASK
     QN, QI = scheme.storage_shape(H, I)
     quantize = activation_quantizer(scheme, I)
-    run = tiled_row_dots(scheme, I, NG, vnni, lambda base, j: T.min(base + j, H - 1), True,
+    run = tiled_row_dots(scheme, I, NG, dots, lambda base, j: T.min(base + j, H - 1), True,
                          scatter_add(H, NG, K), NG)
     experts = each_expert(E, H, NG, run)
 

@@ -10,12 +10,13 @@ bytes per group instead of 4 (a tenth of an int4 model's bytes).
 
 The kernel multiplies in integers: each token's activations are quantized per group of G to int8
 (scale max|x| / 127, as llama.cpp's q8_0), and the products of a group are summed by 4-byte
-dot products: AVX512-VNNI's ``vpdpbusd`` (unsigned x signed bytes) makes 16 int32 sums of 4
-from 64 bytes of weights and 64 of activations; CPUs without it run the same sums as plain
-integer code (LLVM's generic ``vector.partial.reduce.add`` cannot be used: which products land
-in which lane is unspecified). To have each lane belong to one group, the integers of 16
-consecutive groups (a *block*; fewer where a row has fewer) are stored interleaved, 4 elements
-of each group in turn, offset to be unsigned:
+dot products (``IntegerDots``): AVX512-VNNI's ``vpdpbusd`` (unsigned x signed bytes) makes 16
+int32 sums of 4 from 64 bytes of weights and 64 of activations; AVX2 makes 8 from 32 bytes with
+``vpmaddubsw`` (pairs, into int16) and ``vpmaddwd`` (pairs of pairs, into int32); other CPUs
+run the same sums as plain integer code (LLVM's generic ``vector.partial.reduce.add`` cannot be
+used: which products land in which lane is unspecified). To have each lane belong to one group,
+the integers of 16 consecutive groups (a *block*; fewer where a row has fewer) are stored
+interleaved, 4 elements of each group in turn, offset to be unsigned:
 
     int8   [N, K]      uint8, q + 128; within a block, element i of group g at
                        (i // 4) · 64 + g · 4 + i % 4
@@ -45,6 +46,7 @@ while the tokens pass over them, TILE_TOKENS at a time so that each weight vecto
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 
 import ml_dtypes
@@ -234,10 +236,23 @@ def _position(group, i, scheme: QuantScheme, lanes: int):
     return base + j // DOT * 2 * vector + half * vector + j % DOT
 
 
-def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether the CPU has AVX512-VNNI's ``vpdpbusd`` (and AVX512-VL for its narrow forms)."""
-    return (target.kind.name == "llvm"
-            and all(codegen.target_has_features(f, target) for f in ("avx512vnni", "avx512vl")))
+class IntegerDots(enum.Enum):
+    """How a CPU sums four byte products into each int32 lane."""
+
+    VNNI = "vnni"  # AVX512-VNNI vpdpbusd: 16 lanes an instruction
+    MADDUBS = "maddubs"  # AVX2 vpmaddubsw then vpmaddwd: 8 lanes (4 in SSSE3's xmm form)
+    PLAIN = "plain"  # widening multiplies and adds: NEON, generic CPUs
+
+
+def integer_dots(target: tvm.target.Target) -> IntegerDots:
+    """The fastest ``IntegerDots`` that ``target`` has."""
+    def has(*features: str) -> bool:
+        return (target.kind.name == "llvm"
+                and all(codegen.target_has_features(f, target) for f in features))
+
+    if has("avx512vnni", "avx512vl"):
+        return IntegerDots.VNNI
+    return IntegerDots.MADDUBS if has("avx2") else IntegerDots.PLAIN
 
 
 def activation_quantizer(scheme: QuantScheme, k: int):
@@ -272,7 +287,7 @@ def activation_quantizer(scheme: QuantScheme, k: int):
     return quantize
 
 
-def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, row_of,
+def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerDots, row_of,
              experts: bool, activation_row, ahead: int):
     """A TVMScript macro: ``dots[i, j]`` (float32) = weight row ``row_of(base, j)`` (of expert
     ``e`` when ``experts``: weights [E, N, .]) · quantized activation row
@@ -328,20 +343,51 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
     def weight_scale(scale, e, row, group):
         return T.Cast("float32", scale[e, row, group] if experts else scale[row, group])
 
+    # vpmaddubsw's int16 pair sums could overflow for unsigned int8 levels (255 · 127 · 2), so
+    # the AVX2 path sums signed levels as |x| · (q · sign x), and has no offset to remove.
+    signed = dots is IntegerDots.MADDUBS and scheme.bits == 8 and LANES % 4 == 0
+    CHUNK = min(LANES, 8)  # lanes of one AVX2 (8) or SSSE3 (4) dot product
+
+    def maddubs_sums(w, x, lanes):
+        """The int32 sums of 4 of ``lanes`` lanes: bytes w (unsigned levels) times x (signed)."""
+        avx2 = lanes == 8  # else SSSE3's 128-bit forms
+        pairs = "llvm.x86.avx2.pmadd.ub.sw" if avx2 else "llvm.x86.ssse3.pmadd.ub.sw.128"
+        words = "llvm.x86.avx2.pmadd.wd" if avx2 else "llvm.x86.sse2.pmadd.wd"
+        sign = "llvm.x86.avx2.psign.b" if avx2 else "llvm.x86.ssse3.psign.b.128"
+        n = lanes * DOT
+        if signed:
+            levels = T.bitwise_xor(w, T.broadcast(T.uint8(scheme.offset), n))
+            w = T.call_llvm_pure_intrin(f"int8x{n}", sign, levels, x)
+            x = T.call_llvm_pure_intrin(f"int8x{n}", sign, x, x)
+            w, x = x, w  # |x| is the unsigned operand
+        pair_sums = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", pairs, w, x)
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", words, pair_sums,
+                                       T.broadcast(T.int16(1), 2 * lanes))
+
     @T.macro
     def add_dot_products(sums, i, q, xa, e, row, t, block, step):
         """sums[i, lane] += the DOT products of lane's group in this step."""
-        if vnni and LANES >= 4:
+        if dots is IntegerDots.VNNI and LANES >= 4:
             sums[i, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
                 f"int32x{LANES}", f"llvm.x86.avx512.vpdpbusd.{LANES * 32}",
                 sums[i, T.ramp(0, 1, LANES)], weights(q, e, row, block, step, 0, V),
                 xa[t, T.ramp(block * B + step * V, 1, V)])
+        elif dots is IntegerDots.MADDUBS and LANES % 4 == 0:
+            for part in T.unroll(LANES // CHUNK):
+                sums[i, T.ramp(part * CHUNK, 1, CHUNK)] = sums[
+                    i, T.ramp(part * CHUNK, 1, CHUNK)] + maddubs_sums(
+                    weights(q, e, row, block, step, part * CHUNK * DOT, CHUNK * DOT),
+                    xa[t, T.ramp(block * B + step * V + part * CHUNK * DOT, 1, CHUNK * DOT)],
+                    CHUNK)
         else:
             for lane in T.vectorized(LANES):
                 for d in T.unroll(DOT):
                     sums[i, lane] = sums[i, lane] + T.Cast(
                         "int32", weights(q, e, row, block, step, lane * DOT + d, 1)) * T.Cast(
                         "int32", xa[t, block * B + step * V + lane * DOT + d])
+
+    def unbiased(sums, x_offset, t, group):
+        return sums if signed else sums - x_offset[t, group]
 
     def token(order, first, t0, i, last):
         return activation_row(order, first + T.min(t0 + i, last))
@@ -365,8 +411,9 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
                 for i in T.unroll(tokens):
                     for lane in T.vectorized(LANES):
                         acc[i, lane] = acc[i, lane] + T.Cast(
-                            "float32", sums[i, lane]
-                            - x_offset[token(order, first, t0, i, last), block * LANES + lane]) * (
+                            "float32", unbiased(sums[i, lane], x_offset,
+                                                token(order, first, t0, i, last),
+                                                block * LANES + lane)) * (
                             weight_scale(scale, e, row_of(base, j), block * LANES + lane)
                             * x_scale[token(order, first, t0, i, last), block * LANES + lane])
             for i in T.unroll(tokens):
@@ -377,7 +424,7 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, vnni: bool, ro
     return dot
 
 
-def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, experts: bool,
+def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, dots: IntegerDots, row_of, experts: bool,
                    epilogue, ahead: int, activation_row=same_row):
     """A TVMScript macro: ``row_dots`` over the ``count`` rows from ``first``, in tiles of
     TILE_TOKENS (one row at a time when there are fewer, as in decode), each tile's dots
@@ -388,7 +435,7 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, e
     (a tile reads its rows once per tile of tokens, from cache after the first; prefetching
     there made prefill-32 1.7x slower)."""
     MT = TILE_TOKENS
-    tile, single = (row_dots(scheme, k, rows, t, vnni, row_of, experts, activation_row,
+    tile, single = (row_dots(scheme, k, rows, t, dots, row_of, experts, activation_row,
                              ahead if t == 1 else 0) for t in (MT, 1))
 
     lanes = scheme.lanes(k)
@@ -413,7 +460,7 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, vnni: bool, row_of, e
 
 
 @functools.cache
-def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, vnni: bool,
+def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: IntegerDots,
                      out_dtype: str = "float32") -> tirx.PrimFunc:
     """y[m, N] = x[m, K] · Wᵀ from the integers, for any token count m: each token's
     activations are quantized once, then each task takes ROWS_PER_TASK weight rows past all
@@ -431,7 +478,7 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, vnni: bool
                 for j in T.vectorized(NG):
                     y[t0 + i, base + j] = T.Cast(out_dtype, dots[i, j])
 
-    run = tiled_row_dots(scheme, K, NG, vnni, lambda base, j: base + j, False, store, NG)
+    run = tiled_row_dots(scheme, K, NG, dots, lambda base, j: base + j, False, store, NG)
 
     @T.prim_func(private=True, s_tir=True)
     def matmul(var_x: T.handle, q: T.Buffer((QN, QK), "uint8"),

@@ -16,9 +16,10 @@ from qwen3c.reference import HFReference
 from qwen3c.runtime.artifact import read_manifest
 from qwen3c.schedules.moe_quant import quantized_down_scatter, quantized_gate_up_silu
 from qwen3c.schedules.quant import (
+    IntegerDots,
     QuantScheme,
     dequantize_reference,
-    has_vnni,
+    integer_dots,
     quantize,
     quantized_matmul,
 )
@@ -30,10 +31,17 @@ KERNEL_SCHEMES = [QuantScheme(8, 32), QuantScheme(4, 32), QuantScheme(4, 16), Qu
                   QuantScheme(6, 16)]
 
 
-def build(scheme: QuantScheme, dtype: str, K: int, vnni: bool):
-    target = host_target()
-    kernel = quantized_matmul(N, K, scheme, dtype, vnni and has_vnni(target))
-    return tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=target)
+def build(scheme: QuantScheme, dtype: str, K: int, dots: IntegerDots):
+    kernel = quantized_matmul(N, K, scheme, dtype, runnable(dots))
+    return tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=host_target())
+
+
+def runnable(dots: IntegerDots) -> IntegerDots:
+    """``dots`` if this CPU has it (each kind's CPUs have the kinds after it); else a skip."""
+    kinds = list(IntegerDots)
+    if kinds.index(dots) < kinds.index(integer_dots(host_target())):
+        pytest.skip(f"this CPU has no {dots.value} dot products")
+    return dots
 
 
 @pytest.mark.parametrize("bits, bound", [(8, 0.01), (6, 0.03), (4, 0.10)])
@@ -67,9 +75,9 @@ def test_integers_stay_in_range_and_zero_groups_stay_zero():
 @pytest.mark.parametrize("scheme", KERNEL_SCHEMES, ids=lambda s: f"int{s.bits}-g{s.group}")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("K", WIDTHS)
-@pytest.mark.parametrize("vnni", [True, False], ids=["vnni-if-host-has-it", "plain"])
-def test_kernels_match_numpy(scheme, dtype, K, vnni):
-    lib = build(scheme, dtype, K, vnni)
+@pytest.mark.parametrize("dots", list(IntegerDots), ids=lambda d: d.value)
+def test_kernels_match_numpy(scheme, dtype, K, dots):
+    lib = build(scheme, dtype, K, dots)
     rng = np.random.default_rng(1)
     q, scale = quantize(rng.normal(size=(N, K)), scheme)
     weight = dequantize_reference(q, scale, scheme)
@@ -95,7 +103,7 @@ def test_kernels_store_the_model_dtype_rounded_from_their_float32_sums(tokens):
     x = np.random.default_rng(7).normal(size=(tokens, K)).astype(ml_dtypes.bfloat16)
     outputs = []
     for out_dtype in ("float32", "bfloat16"):
-        kernel = quantized_matmul(N, K, scheme, "bfloat16", has_vnni(target), out_dtype)
+        kernel = quantized_matmul(N, K, scheme, "bfloat16", integer_dots(target), out_dtype)
         lib = tvm.tirx.build(kernel.with_attr("global_symbol", "matmul"), target=target)
         y = tvm.runtime.tensor(np.zeros((tokens, N), ml_dtypes.bfloat16 if out_dtype ==
                                         "bfloat16" else np.float32))
@@ -116,17 +124,16 @@ def activations_as_int8(x: np.ndarray, group: int) -> np.ndarray:
 
 @pytest.mark.parametrize("scheme", [s for s in KERNEL_SCHEMES if s.group == 32],
                          ids=lambda s: f"int{s.bits}")
-@pytest.mark.parametrize("vnni", [True, False], ids=["vnni-if-host-has-it", "plain"])
+@pytest.mark.parametrize("dots", list(IntegerDots), ids=lambda d: d.value)
 @pytest.mark.parametrize("n", [1, 13])
-def test_quantized_expert_kernels_match_numpy(scheme, vnni, n):
+def test_quantized_expert_kernels_match_numpy(scheme, dots, n):
     """Grouped gate_up + SwiGLU and down + weighted scatter over quantized experts. Hidden 128
-    (4 groups: blocks of 4, the VNNI path where the host has it) and intermediate 96 (3
+    (4 groups: blocks of 4, the xmm-wide VNNI or SSSE3 dot products) and intermediate 96 (3
     groups: blocks of 1, the plain path); 3 of 8 experts get no token."""
     E, K, H, I = 8, 2, 128, 96
     target = host_target()
-    vnni = vnni and has_vnni(target)
-    kernels = {"gate_up": quantized_gate_up_silu(E, K, H, I, scheme, "bfloat16", vnni),
-               "down": quantized_down_scatter(E, K, H, I, scheme, "bfloat16", vnni)}
+    kernels = {"gate_up": quantized_gate_up_silu(E, K, H, I, scheme, "bfloat16", runnable(dots)),
+               "down": quantized_down_scatter(E, K, H, I, scheme, "bfloat16", runnable(dots))}
     lib = tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name)
                                     for name, f in kernels.items()}), target=target)
     rng = np.random.default_rng(4)
