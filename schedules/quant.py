@@ -343,26 +343,28 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
     def weight_scale(scale, e, row, group):
         return T.Cast("float32", scale[e, row, group] if experts else scale[row, group])
 
+    maddubs = dots is IntegerDots.MADDUBS and LANES % 4 == 0
+    CHUNK = min(LANES, 8)  # lanes of one AVX2 (8) or SSSE3 (4) dot product
     # vpmaddubsw's int16 pair sums could overflow for unsigned int8 levels (255 · 127 · 2), so
     # the AVX2 path sums signed levels as |x| · (q · sign x), and has no offset to remove.
-    signed = dots is IntegerDots.MADDUBS and scheme.bits == 8 and LANES % 4 == 0
-    CHUNK = min(LANES, 8)  # lanes of one AVX2 (8) or SSSE3 (4) dot product
+    signed = maddubs and scheme.bits == 8
 
-    def maddubs_sums(w, x, lanes):
-        """The int32 sums of 4 of ``lanes`` lanes: bytes w (unsigned levels) times x (signed)."""
-        avx2 = lanes == 8  # else SSSE3's 128-bit forms
+    def maddubs_sums(w, x):
+        """The int32 sums of 4 of CHUNK lanes: bytes w (unsigned levels) times x (signed)."""
+        avx2 = CHUNK == 8  # else SSSE3's 128-bit forms
         pairs = "llvm.x86.avx2.pmadd.ub.sw" if avx2 else "llvm.x86.ssse3.pmadd.ub.sw.128"
         words = "llvm.x86.avx2.pmadd.wd" if avx2 else "llvm.x86.sse2.pmadd.wd"
         sign = "llvm.x86.avx2.psign.b" if avx2 else "llvm.x86.ssse3.psign.b.128"
-        n = lanes * DOT
+        n = CHUNK * DOT
+        unsigned_bytes, signed_bytes = w, x
         if signed:
             levels = T.bitwise_xor(w, T.broadcast(T.uint8(scheme.offset), n))
-            w = T.call_llvm_pure_intrin(f"int8x{n}", sign, levels, x)
-            x = T.call_llvm_pure_intrin(f"int8x{n}", sign, x, x)
-            w, x = x, w  # |x| is the unsigned operand
-        pair_sums = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", pairs, w, x)
-        return T.call_llvm_pure_intrin(f"int32x{lanes}", words, pair_sums,
-                                       T.broadcast(T.int16(1), 2 * lanes))
+            unsigned_bytes = T.call_llvm_pure_intrin(f"int8x{n}", sign, x, x)  # |x|
+            signed_bytes = T.call_llvm_pure_intrin(f"int8x{n}", sign, levels, x)  # q · sign x
+        pair_sums = T.call_llvm_pure_intrin(f"int16x{2 * CHUNK}", pairs, unsigned_bytes,
+                                            signed_bytes)
+        return T.call_llvm_pure_intrin(f"int32x{CHUNK}", words, pair_sums,
+                                       T.broadcast(T.int16(1), 2 * CHUNK))
 
     @T.macro
     def add_dot_products(sums, i, q, xa, e, row, t, block, step):
@@ -372,13 +374,12 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
                 f"int32x{LANES}", f"llvm.x86.avx512.vpdpbusd.{LANES * 32}",
                 sums[i, T.ramp(0, 1, LANES)], weights(q, e, row, block, step, 0, V),
                 xa[t, T.ramp(block * B + step * V, 1, V)])
-        elif dots is IntegerDots.MADDUBS and LANES % 4 == 0:
+        elif maddubs:
             for part in T.unroll(LANES // CHUNK):
                 sums[i, T.ramp(part * CHUNK, 1, CHUNK)] = sums[
                     i, T.ramp(part * CHUNK, 1, CHUNK)] + maddubs_sums(
                     weights(q, e, row, block, step, part * CHUNK * DOT, CHUNK * DOT),
-                    xa[t, T.ramp(block * B + step * V + part * CHUNK * DOT, 1, CHUNK * DOT)],
-                    CHUNK)
+                    xa[t, T.ramp(block * B + step * V + part * CHUNK * DOT, 1, CHUNK * DOT)])
         else:
             for lane in T.vectorized(LANES):
                 for d in T.unroll(DOT):
