@@ -219,13 +219,14 @@ def scatter_add(top_k: int):
 
 
 def experts(num_experts: int, panels: int, depth: int, token_row, epilogue):
-    """A TVMScript macro (``moe``'s experts macro): for each expert with grouped rows, a
-    parallel task per panel of its weight over its rows (``panel_rows``)."""
+    """A TVMScript macro (``moe``'s experts macro; the row and token counts are not needed):
+    for each expert with grouped rows, a parallel task per panel of its weight over its rows
+    (``panel_rows``)."""
     E, NP, pairs = num_experts, panels, depth // bf16_dot.PAIRS
     rows = panel_rows(pairs, token_row, epilogue)
 
     @T.macro
-    def run(x, weight, offsets, dst, routing, order, count):
+    def run(x, weight, offsets, dst, routing, order, count, tokens):
         x_words = T.decl_buffer((x.shape[0], pairs), bf16_dot.WORD, data=x.data)
         w_panels = T.decl_buffer((E, NP, pairs, PANEL), bf16_dot.WORD, data=weight.data)
         for e in T.serial(E, annotations=bf16_dot.IMPORT):

@@ -18,6 +18,7 @@ from qwen3c.schedules.moe import paired_rows, scatter_add, swiglu_store
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
+    TILE_TOKENS,
     IntegerDots,
     QuantScheme,
     activation_quantizer,
@@ -27,19 +28,34 @@ from qwen3c.schedules.quant import (
 
 def each_expert(num_experts: int, features: int, width: int, run):
     """A TVMScript macro: for each expert with tokens, a parallel task per ``width`` output
-    features running ``run`` (``tiled_row_dots``) over the expert's grouped rows."""
+    features running ``run`` (``tiled_row_dots``) over the expert's grouped rows. With fewer
+    tokens than a tile (decode) one parallel region's tasks walk every expert, as in
+    ``moe.expert_rows``."""
     E, tasks = num_experts, (features + width - 1) // width
 
     @T.macro
-    def each(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order):
-        for e in range(E):
-            if offsets[e + 1] > offsets[e]:
-                for task in T.parallel(tasks):
-                    with T.sblock("rows"):
-                        T.reads()  # independent tasks; nothing schedules this block
-                        T.writes()
-                        run(q, scale, xa, x_scale, x_offset, e, task * width, offsets[e],
-                            offsets[e + 1] - offsets[e], dst, routing, order)
+    def task_over(q, scale, xa, x_scale, x_offset, offsets, first_expert, end_expert, task, dst,
+                  routing, order):
+        with T.sblock("rows"):
+            T.reads()  # independent tasks; nothing schedules this block
+            T.writes()
+            for e in range(first_expert, end_expert):
+                if offsets[e + 1] > offsets[e]:
+                    run(q, scale, xa, x_scale, x_offset, e, task * width, offsets[e],
+                        offsets[e + 1] - offsets[e], dst, routing, order)
+
+    @T.macro
+    def each(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order, tokens):
+        if tokens < TILE_TOKENS:
+            for task in T.parallel(tasks):
+                task_over(q, scale, xa, x_scale, x_offset, offsets, 0, E, task, dst, routing,
+                          order)
+        else:
+            for e in range(E):
+                if offsets[e + 1] > offsets[e]:
+                    for task in T.parallel(tasks):
+                        task_over(q, scale, xa, x_scale, x_offset, offsets, e, e + 1, task, dst,
+                                  routing, order)
 
     return each
 
@@ -74,7 +90,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
             x_offset = T.sblock_alloc_buffer((n, T.int64(H // G)), "int32")
             for t in T.parallel(n):
                 quantize(x, t, t, xa, x_scale, x_offset)
-            experts(q, scale, xa, x_scale, x_offset, offsets, act, None, order)
+            experts(q, scale, xa, x_scale, x_offset, offsets, act, None, order, n)
 
     return gate_up
 
@@ -114,6 +130,6 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
             for r in T.parallel(n * T.int64(K)):
                 if r < T.Cast("int64", offsets[E]):
                     quantize(act, r, r, xa, x_scale, x_offset)
-            experts(q, scale, xa, x_scale, x_offset, offsets, out, routing, order)
+            experts(q, scale, xa, x_scale, x_offset, offsets, out, routing, order, n)
 
     return down
