@@ -2,16 +2,17 @@
 
 Long prefills (``m`` >= PANEL_MIN_TOKENS) run a panel GEMM: x is converted to float32 once,
 then each parallel task takes a panel of ``NB`` weight rows (four machine vectors: 64 on
-AVX-512, 16 on NEON), transposes it into a float32 scratch ``[k, NB]``, and walks the tokens
-in tiles of ``MT`` rows with an ``MT x NB`` accumulator in vector registers: per step of k one
-broadcast x value per row meets four vectors of W, so the FMAs need no conversion and no
-horizontal sums (1.4 to 1.6x the GFLOP/s of the previous 4x4 dot-product tiles at m = 128, which
-spent half their issue slots converting bfloat16). The panel's transposition costs the same for
-any token count, so shorter prefills (one tile of tokens up to PANEL_MIN_TOKENS) run the MoE
-experts' dot-product tiles instead (``moe.expert_tile``: 6 tokens x 4 weight rows of vector
-partial sums along k, each weight vector converted once for the 6 tokens; no transposition,
-horizontal sums at the end): 1.3-1.8x faster than the panels at 32 tokens, slower from ~100 on.
-Decode (fewer tokens than a tile) reads each weight row
+AVX-512, 16 on NEON; two on AVX2: 16), transposes it into a float32 scratch ``[k, NB]``, and
+walks the tokens in tiles of ``MT`` = 6 rows with an ``MT x NB`` accumulator in vector
+registers: per step of k one broadcast x value per row meets the panel's vectors of W, so the
+FMAs need no conversion and no horizontal sums (1.4 to 1.6x the GFLOP/s of the previous 4x4
+dot-product tiles at m = 128, which spent half their issue slots converting bfloat16; on AVX2
+the 6 x 2 tile is 1.2-1.5x the 2 x 4 one at 128 tokens and 1.4-1.7x at 64). The panel's
+transposition costs the same for any token count, so shorter prefills (one tile of tokens up
+to PANEL_MIN_TOKENS) run the MoE experts' dot-product tiles instead (``moe.expert_tile``: 6
+tokens x 4 weight rows of vector partial sums along k, each weight vector converted once for
+the 6 tokens; no transposition, horizontal sums at the end): 1.3-1.8x faster than the panels
+at 32 tokens, slower from ~100 on. Decode (fewer tokens than a tile) reads each weight row
 start to end (one sequential stream per thread, which the hardware prefetcher follows;
 interleaving 8 rows measured 1.5x slower) into GEMV_LANES partial sums, several independent
 FMA chains on any vector width, and asks for the same cache line of the row one task further
@@ -45,7 +46,6 @@ from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
 
 GEMV_LANES = 16  # partial sums per decoded row (a multiple of every machine vector width)
-PANEL_VECTORS = 4  # machine vectors of weight rows per prefill panel
 COLS_PER_GEMV = 8  # weight rows per decode task step, and per dot-tile task
 PANEL_MIN_TOKENS = 64  # fewer tokens: dot-product tiles instead of panels (bf16, 2 threads,
 #                        dot / panel speed: 32 tokens 1.31-1.83x, 64 1.03-1.32x, 128 0.82-0.95x)
@@ -57,16 +57,25 @@ def fits(n: int, k: int) -> bool:
     return k % GEMV_LANES == 0 and n % COLS_PER_GEMV == 0
 
 
-def panel_rows(n: int, lanes: int) -> int:
-    """Weight rows per prefill panel: four machine vectors where they divide ``n``."""
-    return next(width for width in (PANEL_VECTORS * lanes, 2 * lanes, lanes, COLS_PER_GEMV)
-                if n % width == 0)
+def panel_vectors(registers: int) -> int:
+    """Machine vectors of weight rows per prefill panel: 4 with 32 vector registers (AVX-512,
+    NEON), 2 with 16 (AVX2: the 6 x 2 tile's 12 accumulators leave room for the W vectors and
+    a broadcast x; the 2 x 4 tile ran 1.2-1.5x slower on Zen 3 at 128 tokens)."""
+    return 4 if registers >= 32 else 2
+
+
+def panel_rows(n: int, lanes: int, registers: int) -> int:
+    """Weight rows per prefill panel: ``panel_vectors`` machine vectors where they divide
+    ``n``."""
+    return next(width for width in (panel_vectors(registers) * lanes, 2 * lanes, lanes,
+                                    COLS_PER_GEMV) if n % width == 0)
 
 
 def tile_tokens(registers: int) -> int:
-    """Tokens per prefill tile: the accumulators (PANEL_VECTORS per token) leave room in the
-    vector registers for the W vectors and a broadcast x (AVX-512/NEON: 6, AVX2: 2)."""
-    return (registers - PANEL_VECTORS - 2) // PANEL_VECTORS
+    """Tokens per prefill tile: the accumulators (``panel_vectors`` per token) leave room in
+    the vector registers for the W vectors and a broadcast x (6 on every vector unit)."""
+    vectors = panel_vectors(registers)
+    return (registers - vectors - 2) // vectors
 
 
 def vector_unit(target: tvm.target.Target) -> tuple[int, int]:
@@ -162,7 +171,7 @@ def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
     are."""
     assert fits(n, k) and GEMV_LANES % lanes == 0, (n, k, lanes)
     N, K = n, k
-    NB, MT = panel_rows(n, lanes), tile_tokens(registers)
+    NB, MT = panel_rows(n, lanes, registers), tile_tokens(registers)
     DJ = moe.tile_rows(registers)
     DMT = moe.tile_tokens(registers, DJ)
     tiles = dot_tiles(n, moe.expert_tile(DMT, DJ, lanes, K, lambda base, j: base + j), DMT, DJ,
