@@ -240,20 +240,21 @@ def expert_rows(num_experts: int, features: int, width: int, rows: int, lanes: i
             for e in range(first_expert, end_expert):
                 first: T.let = offsets[e]
                 count: T.let = offsets[e + 1] - offsets[e]
-                for u in range(per_task):
-                    if task * per_task + u < units:
-                        base: T.let = (task * per_task + u) * width
-                        if count >= MT:
-                            for t in range((count + MT - 1) // MT):
-                                tile(x, weight, e, order, first, t * MT, count - 1, base, sums,
-                                     acc, wv)
-                                epilogue(dst, routing, order, sums, first, t * MT, count,
-                                         base, MT)
-                        else:
-                            for t in range(count):
-                                single(x, weight, e, order, first, t, count - 1, base, sums,
-                                       acc, wv)
-                                epilogue(dst, routing, order, sums, first, t, count, base, 1)
+                if count > 0:
+                    for u in range(per_task):
+                        if task * per_task + u < units:
+                            base: T.let = (task * per_task + u) * width
+                            if count >= MT:
+                                for t in range((count + MT - 1) // MT):
+                                    tile(x, weight, e, order, first, t * MT, count - 1, base, sums,
+                                         acc, wv)
+                                    epilogue(dst, routing, order, sums, first, t * MT, count,
+                                             base, MT)
+                            else:
+                                for t in range(count):
+                                    single(x, weight, e, order, first, t, count - 1, base, sums,
+                                           acc, wv)
+                                    epilogue(dst, routing, order, sums, first, t, count, base, 1)
 
     @T.macro
     def run(x, weight, offsets, dst, routing, order, tokens):

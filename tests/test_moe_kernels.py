@@ -82,7 +82,8 @@ def routings(n: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
 @pytest.mark.parametrize("routing", ["spread", "crowded"])
-@pytest.mark.parametrize("n", [1, 13, 40])  # experts with a token, a few, many tiles
+@pytest.mark.parametrize("n", [1, 3, 13, 40])  # a decode, a batch of decodes (one
+#                                              parallel region), a few tokens, many tiles
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, kernel):
     *_, bf16, H, I = KERNELS[kernel]
