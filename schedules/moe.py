@@ -190,6 +190,31 @@ def tile_tokens(registers: int, rows: int) -> int:
     return (registers - rows - 1) // rows
 
 
+def expert_regions(num_experts: int, tasks: int, decode_below: int, task_over,
+                   annotations: dict | None = None):
+    """A TVMScript macro ``run(offsets, tokens, *operands)`` running ``task_over(*operands,
+    first_expert, end_expert, task)`` for ``tasks`` parallel tasks over every expert with grouped
+    rows. Below ``decode_below`` tokens (decode) one parallel region's tasks walk every expert: a
+    region per expert had the threads meet at a barrier after each expert's few microseconds of
+    work. From there on each expert gets its own region, so all its tasks reuse its tokens'
+    activations while they are in cache. ``annotations`` go on both regions' loops."""
+    E = num_experts
+    annotations = annotations or {}
+
+    @T.macro
+    def run(offsets, tokens, *operands):
+        if tokens < decode_below:
+            for task in T.parallel(tasks, annotations=annotations):
+                task_over(*operands, 0, E, task)
+        else:
+            for e in range(E):
+                if offsets[e + 1] > offsets[e]:
+                    for task in T.parallel(tasks, annotations=annotations):
+                        task_over(*operands, e, e + 1, task)
+
+    return run
+
+
 def expert_rows(num_experts: int, features: int, width: int, rows: int, lanes: int,
                 registers: int, depth: int, row_of, epilogue, bf16: bool = False,
                 token_row=same_row, annotations: dict | None = None,
@@ -200,12 +225,9 @@ def expert_rows(num_experts: int, features: int, width: int, rows: int, lanes: i
     expert's tokens in tiles (one token at a time when there are fewer than a tile, as in
     decode) and hands each tile's sums to ``epilogue(dst, routing, order, sums, first, t0,
     count, base, tokens)``. ``bf16``: ``x`` and ``weight`` are int32 views of bfloat16 read by
-    ``bf16_dot.tile``; else ``x`` is float32 and ``weight`` any float dtype.
-
-    With fewer tokens than a tile (decode) one parallel region's tasks walk every expert: a
-    region per expert had the threads meet at a barrier after each expert's few microseconds
-    of work. With more, each expert gets its own region, so all its tasks reuse its tokens'
-    activations while they are in cache. ``annotations`` go on both regions' loops.
+    ``bf16_dot.tile``; else ``x`` is float32 and ``weight`` any float dtype. The parallel
+    regions are ``expert_regions``'s, one for all experts below a tile of tokens (decode);
+    ``annotations`` go on their loops.
 
     ``prefetch_next`` (float tiles): one token at a time, also prefetch the rows the task's
     next unit of features reads. It paid for the down projection's short rows (Zen 3, AVX2,
@@ -224,10 +246,9 @@ def expert_rows(num_experts: int, features: int, width: int, rows: int, lanes: i
                                     per_task * width if t == 1 and prefetch_next else 0)
                         for t in (MT, 1))
         vector = "float32"
-    annotations = annotations or {}
 
     @T.macro
-    def task_over(x, weight, offsets, first_expert, end_expert, task, dst, routing, order):
+    def task_over(x, weight, offsets, dst, routing, order, first_expert, end_expert, task):
         """Task ``task``'s features for experts ``first_expert`` up to ``end_expert``."""
         with T.sblock("expert_rows"):
             T.reads()  # independent tasks; nothing schedules this block
@@ -256,16 +277,11 @@ def expert_rows(num_experts: int, features: int, width: int, rows: int, lanes: i
                                            acc, wv)
                                     epilogue(dst, routing, order, sums, first, t, count, base, 1)
 
+    regions = expert_regions(E, tasks, MT, task_over, annotations)
+
     @T.macro
     def run(x, weight, offsets, dst, routing, order, tokens):
-        if tokens < MT:
-            for task in T.parallel(tasks, annotations=annotations):
-                task_over(x, weight, offsets, 0, E, task, dst, routing, order)
-        else:
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    for task in T.parallel(tasks, annotations=annotations):
-                        task_over(x, weight, offsets, e, e + 1, task, dst, routing, order)
+        regions(offsets, tokens, x, weight, offsets, dst, routing, order)
 
     return run
 

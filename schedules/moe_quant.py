@@ -14,7 +14,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules.moe import paired_rows, scatter_add, swiglu_store
+from qwen3c.schedules.moe import expert_regions, paired_rows, scatter_add, swiglu_store
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
@@ -28,14 +28,13 @@ from qwen3c.schedules.quant import (
 
 def each_expert(num_experts: int, features: int, width: int, run):
     """A TVMScript macro: for each expert with tokens, a parallel task per ``width`` output
-    features running ``run`` (``tiled_row_dots``) over the expert's grouped rows. With fewer
-    tokens than a tile (decode) one parallel region's tasks walk every expert, as in
-    ``moe.expert_rows``."""
-    E, tasks = num_experts, (features + width - 1) // width
+    features running ``run`` (``tiled_row_dots``) over the expert's grouped rows, in
+    ``moe.expert_regions`` (one region for all experts below a tile of tokens, as in decode)."""
+    tasks = (features + width - 1) // width
 
     @T.macro
-    def task_over(q, scale, xa, x_scale, x_offset, offsets, first_expert, end_expert, task, dst,
-                  routing, order):
+    def task_over(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order, first_expert,
+                  end_expert, task):
         with T.sblock("rows"):
             T.reads()  # independent tasks; nothing schedules this block
             T.writes()
@@ -44,18 +43,11 @@ def each_expert(num_experts: int, features: int, width: int, run):
                     run(q, scale, xa, x_scale, x_offset, e, task * width, offsets[e],
                         offsets[e + 1] - offsets[e], dst, routing, order)
 
+    regions = expert_regions(num_experts, tasks, TILE_TOKENS, task_over)
+
     @T.macro
     def each(q, scale, xa, x_scale, x_offset, offsets, dst, routing, order, tokens):
-        if tokens < TILE_TOKENS:
-            for task in T.parallel(tasks):
-                task_over(q, scale, xa, x_scale, x_offset, offsets, 0, E, task, dst, routing,
-                          order)
-        else:
-            for e in range(E):
-                if offsets[e + 1] > offsets[e]:
-                    for task in T.parallel(tasks):
-                        task_over(q, scale, xa, x_scale, x_offset, offsets, e, e + 1, task, dst,
-                                  routing, order)
+        regions(offsets, tokens, q, scale, xa, x_scale, x_offset, offsets, dst, routing, order)
 
     return each
 
