@@ -38,6 +38,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
+from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.scratch import stack_buffer
 
 KEY_BLOCK = 32  # keys scored at once: two AVX-512 vectors per query row
@@ -228,7 +229,7 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
     context repeat its last key, and the rows see none of them."""
     H, D, G, P, KB = num_heads, head_dim, num_heads // num_kv_heads, page_size, KEY_BLOCK
     VL = _lanes(D)
-    fold, store = _fold_block(G, D), _store_row(D, dtype)
+    fold, store, sum_lanes = _fold_block(G, D), _store_row(D, dtype), fold_lanes(VL)
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
@@ -296,9 +297,8 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                                         r, chunk * VL + lane] * T.Cast(
                                         "float32", pages[page, 0, g, key % P, chunk * VL + lane])
                         for r in T.unroll(G):
-                            scores[r, j] = T.float32(0)
-                            for lane in range(VL):
-                                scores[r, j] = scores[r, j] + dots[r, lane]
+                            sum_lanes(dots, (r,))
+                            scores[r, j] = dots[r, 0]
                         for i in T.vectorized(D):
                             values[0, j, i] = T.Cast("float32", pages[page, 1, g, key % P, i])
                     for r in range(G):

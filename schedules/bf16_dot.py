@@ -20,6 +20,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import prefetch_to_l2
 
 LANES = 16  # float32 sums per dot product
@@ -72,6 +73,7 @@ def tile(tokens: int, rows: int, depth: int, token_row, row_of, ahead: int = 0):
     each step also prefetches the same cache line of row ``row_of(base + ahead, j)``, the row
     the next task reads (decode is bound by memory: see cpu_gemm.py)."""
     steps = depth // STEP
+    fold = fold_lanes(LANES)
 
     @T.macro
     def run(x, weight, e, order, first, t0, last, base, sums, acc, wv):
@@ -93,8 +95,7 @@ def tile(tokens: int, rows: int, depth: int, token_row, row_of, ahead: int = 0):
                         wv[j, words(0)])
         for i in T.unroll(tokens):
             for j in T.unroll(rows):
-                sums[i, j] = T.float32(0)
-                for lane in range(LANES):
-                    sums[i, j] = sums[i, j] + acc[i, j, lane]
+                fold(acc, (i, j))
+                sums[i, j] = acc[i, j, 0]
 
     return run

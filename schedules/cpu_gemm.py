@@ -42,6 +42,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot, moe
+from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
 
@@ -97,6 +98,7 @@ def gemv(n: int, k: int, dtype: str):
     # steps of GEMV_LANES weights per cache line: one prefetch each (every step if uneven)
     per_line = max(1, CACHE_LINE // (GEMV_LANES * tvm.DataType(dtype).bits // 8))
     per_line = per_line if KG % per_line == 0 else 1
+    fold = fold_lanes(GEMV_LANES)
 
     def column(line, step):
         return (line * per_line + step) * GEMV_LANES
@@ -117,9 +119,8 @@ def gemv(n: int, k: int, dtype: str):
                                 acc[lane] = acc[lane] + T.Cast(
                                     OUT_DTYPE, x[t, column(line, step) + lane]) * T.Cast(
                                     OUT_DTYPE, w[nb * NG + j, column(line, step) + lane])
-                    y[t, nb * NG + j] = T.float32(0)
-                    for lane in range(GEMV_LANES):
-                        y[t, nb * NG + j] = y[t, nb * NG + j] + acc[lane]
+                    fold(acc, ())
+                    y[t, nb * NG + j] = acc[0]
 
     return run
 

@@ -29,6 +29,7 @@ from tvm.script import tirx as T
 
 from qwen3c.schedules import bf16_dot
 from qwen3c.schedules.fast_math import sigmoid
+from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
 
@@ -146,6 +147,7 @@ def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of, token_ro
     With ``ahead`` > 0 each step also prefetches the same part of row ``row_of(base + ahead,
     j)`` into L2."""
     steps, tail = depth // lanes, depth % lanes
+    fold = fold_lanes(lanes)
 
     @T.macro
     def tile(xf, weight, e, order, first, t0, last, base, sums, acc, wv):
@@ -168,9 +170,8 @@ def expert_tile(tokens: int, rows: int, lanes: int, depth: int, row_of, token_ro
                             order, first + T.min(t0 + i, last)), step * lanes + lane] * wv[j, lane]
         for i in T.unroll(tokens):
             for j in T.unroll(rows):
-                sums[i, j] = T.float32(0)
-                for lane in range(lanes):
-                    sums[i, j] = sums[i, j] + acc[i, j, lane]
+                fold(acc, (i, j))
+                sums[i, j] = acc[i, j, 0]
                 for d in range(tail):
                     sums[i, j] = sums[i, j] + xf[token_row(
                         order, first + T.min(t0 + i, last)), steps * lanes + d] * T.Cast(

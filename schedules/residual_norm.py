@@ -24,6 +24,7 @@ from qwen3c.schedules.cpu_gemm import (
     relax_function_pass,
     token_count,
 )
+from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES = 16  # float32 partial sums of squares (one AVX-512 vector)
@@ -36,6 +37,7 @@ def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx
     statistics are float32. One task per token when there are several."""
     H = hidden
     CHUNKS = H // LANES
+    fold = fold_lanes(LANES)
 
     @T.macro
     def normalise(x, y, w, s, out, t):
@@ -43,7 +45,6 @@ def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx
             T.reads()  # one token per call; nothing schedules this block
             T.writes()
             squares = stack_buffer((LANES,), "float32")
-            total = stack_buffer((1,), "float32")
             for lane in T.vectorized(LANES):
                 squares[lane] = T.float32(0)
             for chunk in range(CHUNKS):
@@ -54,10 +55,8 @@ def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx
                     squares[lane] = squares[lane] + T.Cast(
                         "float32", s[t, chunk * LANES + lane]) * T.Cast(
                         "float32", s[t, chunk * LANES + lane])
-            total[0] = T.float32(0)
-            for lane in range(LANES):
-                total[0] = total[0] + squares[lane]
-            scale: T.let = T.rsqrt(total[0] / T.float32(H) + T.float32(eps))
+            fold(squares, ())
+            scale: T.let = T.rsqrt(squares[0] / T.float32(H) + T.float32(eps))
             for i in T.vectorized(H):
                 out[t, i] = T.Cast(dtype, T.Cast("float32", s[t, i]) * scale * w[i])
 
