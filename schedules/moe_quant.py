@@ -22,6 +22,7 @@ from qwen3c.schedules.quant import (
     IntegerDots,
     QuantScheme,
     activation_quantizer,
+    activation_width,
     tiled_row_dots,
 )
 
@@ -62,7 +63,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
     P = ROWS_PER_TASK // 2
     QN, QH = scheme.storage_shape(2 * I, H)
-    quantize = activation_quantizer(scheme, H)
+    quantize = activation_quantizer(scheme, H, dots)
     run = tiled_row_dots(scheme, H, 2 * P, dots, paired_rows(I, P), True,
                          swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, run)
@@ -77,7 +78,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         act = T.match_buffer(var_act, (n * T.int64(K), T.int64(I)), dtype)
         with T.sblock("gate_up"):
-            xa = T.sblock_alloc_buffer((n, T.int64(H)), "int8")
+            xa = T.sblock_alloc_buffer((n, T.int64(activation_width(scheme, H, dots))), "int8")
             x_scale = T.sblock_alloc_buffer((n, T.int64(H // G)), "float32")
             x_offset = T.sblock_alloc_buffer((n, T.int64(H // G)), "int32")
             for t in T.parallel(n):
@@ -97,7 +98,7 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
     NG = ROWS_PER_TASK
     QN, QI = scheme.storage_shape(H, I)
-    quantize = activation_quantizer(scheme, I)
+    quantize = activation_quantizer(scheme, I, dots)
     run = tiled_row_dots(scheme, I, NG, dots, lambda base, j: T.min(base + j, H - 1), True,
                          scatter_add(H, NG, K), NG)
     experts = each_expert(E, H, NG, run)
@@ -113,7 +114,8 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
         routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
         out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
         with T.sblock("down"):
-            xa = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I)), "int8")
+            xa = T.sblock_alloc_buffer((n * T.int64(K), T.int64(activation_width(scheme, I, dots))),
+                                       "int8")
             x_scale = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I // G)), "float32")
             x_offset = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I // G)), "int32")
             for t in T.parallel(n):

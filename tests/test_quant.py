@@ -26,7 +26,7 @@ from qwen3c.schedules.quant import (
 from qwen3c.verify import compare_logits
 
 N = 80  # 5 tasks of 16 rows
-WIDTHS = (96, 640, 512)  # groups of 32 per row: 3 (a block each), 20 (blocks of 4), 16
+WIDTHS = (96, 1152, 512)  # groups of 32 per row: 3 (a block each), 36 (blocks of 12), 16
 KERNEL_SCHEMES = [QuantScheme(8, 32), QuantScheme(4, 32), QuantScheme(4, 16), QuantScheme(6, 32),
                   QuantScheme(6, 16)]
 
