@@ -242,12 +242,6 @@ def _position(group, i, scheme: QuantScheme, lanes: int):
     return base + j // DOT * 2 * vector + half * vector + j % DOT
 
 
-def _spread(position, vector: int, magnitudes: bool):
-    """Where interleaved ``position`` sits in a row of activations that keeps a ``vector`` of
-    magnitudes after each ``vector`` of levels (``keeps_magnitudes``)."""
-    return position + position // vector * vector if magnitudes else position
-
-
 class IntegerDots(enum.Enum):
     """How a CPU sums four byte products into each int32 lane."""
 
@@ -268,18 +262,18 @@ def integer_dots(target: tvm.target.Target) -> IntegerDots:
 
 
 def keeps_magnitudes(scheme: QuantScheme, k: int, dots: IntegerDots) -> bool:
-    """Whether the activations keep |x| beside x: the AVX2 int8 path multiplies |x| by
-    q · sign x (``row_dots``), and |x| is the same for every weight row, so it is computed once
-    per token rather than once per weight vector and token: one vector op fewer of the five
-    per product (with the lane sums of ``lane_sum``: a 6144x1024 GEMM at 128 tokens 13.5 ->
-    11.1 ms on Zen 3, 2 threads)."""
+    """Whether the activations keep |x| after x: the AVX2 int8 path multiplies |x| by
+    q · sign x (``row_dots``), and |x| is the same for every weight row, so a tile of tokens
+    loads it rather than computing it once per weight vector and token: one vector op fewer of
+    the five per product (with the lane sums of ``lane_sum``: a 6144x1024 GEMM at 128 tokens
+    13.5 -> 11.1 ms on Zen 3, 2 threads). A single token (decode) still computes |x|: there
+    the kernel streams weights from memory, and the extra load made GEMVs 7-25 % slower."""
     return dots is IntegerDots.MADDUBS and scheme.lanes(k) % 4 == 0 and scheme.bits == 8
 
 
 def activation_width(scheme: QuantScheme, k: int, dots: IntegerDots) -> int:
-    """Bytes of one token's quantized activations: its k levels, and their magnitudes where
-    ``keeps_magnitudes``: each dot-product step's vector of levels, then the same vector's
-    magnitudes."""
+    """Bytes of one token's quantized activations: its k levels, then, where
+    ``keeps_magnitudes``, their k magnitudes in the same order."""
     return 2 * k if keeps_magnitudes(scheme, k, dots) else k
 
 
@@ -289,7 +283,6 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
     (offset · Σ levels), one group of G at a time: scale max|x| / 127, as llama.cpp's q8_0."""
     G, LANES = scheme.group, scheme.lanes(k)
     offset = scheme.offset
-    V = LANES * DOT
     magnitudes = keeps_magnitudes(scheme, k, dots)
 
     @T.macro
@@ -308,12 +301,12 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
                                                 T.float32(127) / top[0], T.float32(0))
                 total[0] = 0
                 for i in range(G):
-                    at: T.let = _spread(_position(group, i, scheme, LANES), V, magnitudes)
+                    at: T.let = _position(group, i, scheme, LANES)
                     xa[r, at] = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
                                                        * inverse))
                     total[0] = total[0] + T.Cast("int32", xa[r, at])
                     if magnitudes:
-                        xa[r, at + V] = T.abs(xa[r, at])
+                        xa[r, at + k] = T.abs(xa[r, at])
                 x_offset[r, group] = total[0] * offset
 
     return quantize
@@ -383,7 +376,7 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
     PARTS, TAIL = LANES // WHOLE, LANES % WHOLE
     # vpmaddubsw's int16 pair sums could overflow for unsigned int8 levels (255 · 127 · 2), so
     # the AVX2 path sums signed levels as |x| · (q · sign x), and has no offset to remove;
-    # |x| comes with the activations.
+    # |x| comes with the activations (computed here for a single token: ``keeps_magnitudes``).
     signed = keeps_magnitudes(scheme, k, dots)
 
     def maddubs_sums(w, x, x_magnitudes, width: int):
@@ -396,7 +389,8 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
         unsigned_bytes, signed_bytes = w, x
         if signed:
             levels = T.bitwise_xor(w, T.broadcast(T.uint8(scheme.offset), n))
-            unsigned_bytes = x_magnitudes
+            unsigned_bytes = (x_magnitudes if tokens > 1 else
+                              T.call_llvm_pure_intrin(f"int8x{n}", sign, x, x))
             signed_bytes = T.call_llvm_pure_intrin(f"int8x{n}", sign, levels, x)  # q · sign x
         pair_sums = T.call_llvm_pure_intrin(f"int16x{2 * width}", pairs, unsigned_bytes,
                                             signed_bytes)
@@ -407,14 +401,14 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
     def add_chunk(sums, i, q, xa, e, row, t, block, step, first, width):
         """sums[i, first:first + width] += one machine dot product's sums."""
         w: T.let = weights(q, e, row, block, step, first * DOT, width * DOT)
-        at: T.let = _spread(block * B + step * V, V, signed) + first * DOT
+        at: T.let = block * B + step * V + first * DOT
         if dots is IntegerDots.VNNI:
             sums[i, T.ramp(first, 1, width)] = T.call_llvm_pure_intrin(
                 f"int32x{width}", f"llvm.x86.avx512.vpdpbusd.{width * 32}",
                 sums[i, T.ramp(first, 1, width)], w, xa[t, T.ramp(at, 1, width * DOT)])
         else:
             sums[i, T.ramp(first, 1, width)] = sums[i, T.ramp(first, 1, width)] + maddubs_sums(
-                w, xa[t, T.ramp(at, 1, width * DOT)], xa[t, T.ramp(at + V, 1, width * DOT)],
+                w, xa[t, T.ramp(at, 1, width * DOT)], xa[t, T.ramp(at + K, 1, width * DOT)],
                 width)
 
     @T.macro
