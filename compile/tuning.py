@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,7 @@ def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, records_dir: Path
     # The evolutionary search ranks a population with the cost model before each round of
     # measurements; 512 (meta_schedule's default) is far more than a short search can use.
     strategy = ms.search_strategy.EvolutionarySearch(population_size=min(512, 32 * trials))
+    _import_tensor_intrinsics()
     contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, str(records_dir), strategy=strategy)
     ms.tune_tasks(tasks=contexts, task_weights=task_weights, work_dir=str(records_dir),
@@ -138,6 +140,18 @@ def records_by_workload(database) -> dict[int, list]:
         if record.run_secs:
             grouped.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
     return grouped
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import TVM's tensor-intrinsic library (which each meta_schedule ``TuneContext`` imports)
+    from a new thread. TVMScript's parser calls ``inspect.stack()`` for each of its ~550
+    functions, so the import takes time in proportion to the caller's stack depth: 32 s from
+    the top level here, 166 s under 60 frames (as inside pytest); a new thread's stack is a few
+    frames deep. A failed import raises again, with its message, where meta_schedule
+    imports it."""
+    thread = threading.Thread(target=importlib.import_module, args=("tvm.s_tir.tensor_intrin",))
+    thread.start()
+    thread.join()
 
 
 def build_kernel(mod: tvm.IRModule, target: tvm.target.Target, _params=None) -> tvm.runtime.Module:
