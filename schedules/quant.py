@@ -528,7 +528,7 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: Inte
         y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
         with T.sblock("matmul"):
             xa = T.sblock_alloc_buffer((m, T.int64(activation_width(scheme, K, dots))),
-                                       "int8")  # levels, interleaved
+                                       "int8")  # levels, interleaved (then |levels|)
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")
             x_offset = T.sblock_alloc_buffer((m, T.int64(K // G)), "int32")
             for t in T.parallel(m):  # tokens of a prefill in parallel
