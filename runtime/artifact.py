@@ -75,7 +75,8 @@ class Manifest:
             raise ArtifactError(
                 f"artifact format {raw.get('format_version')} is not the supported "
                 f"{FORMAT_VERSION}; recompile it with this qwen3c")
-        raw["target"] = TargetChoice(**raw["target"])
+        raw["target"] = TargetChoice(**{**raw["target"],
+                                         "features": tuple(raw["target"].get("features", ()))})
         raw["parallel"] = Parallelism(**raw["parallel"])
         raw["params"] = tuple(
             ParamInfo(p["name"], tuple(p["shape"]), p["dtype"],

@@ -33,6 +33,8 @@ class TargetChoice:
     name: str
     arch: str
     cpu: str
+    # LLVM -mattr the CPU's name does not imply (the build host's, found by ``resolve``)
+    features: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ qwen3c's CPU references of the partitions (``byoc_reference.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -89,8 +90,7 @@ class ByocTarget(Target):
         """Compiler and linker flags for the SDK installed at ``root``."""
 
     def resolve(self, arch: str | None, cpu: str | None) -> TargetChoice:
-        host = self.host.resolve(arch, cpu)
-        return TargetChoice(name=self.name, arch=host.arch, cpu=host.cpu)
+        return dataclasses.replace(self.host.resolve(arch, cpu), name=self.name)
 
     def check_model(self, config: Qwen3Config) -> None:
         """Dense and MoE models both partition."""

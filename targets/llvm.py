@@ -53,6 +53,41 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+# The x86 features the kernels choose their instructions by (``schedules.quant.integer_dots``,
+# ``schedules.bf16_dot``), as /proc/cpuinfo and LLVM's -mattr name them. LLVM derives a host's
+# CPU name from its model number, and a virtual machine may report an older model than the
+# features it passes through: an Intel Xeon with AVX512-BF16 and AMX reads as ``rocketlake``,
+# which has no AVX512-BF16, so its bf16 kernels would go unused.
+KERNEL_FEATURES = {
+    "avx2": "avx2",
+    "fma": "fma",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512_vnni": "avx512vnni",
+    "avx512_bf16": "avx512bf16",
+}
+
+
+def host_kernel_features() -> frozenset[str]:
+    """The ``KERNEL_FEATURES`` this host's CPUs report (LLVM names; empty off Linux x86)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return frozenset(KERNEL_FEATURES[f] for f in flags if f in KERNEL_FEATURES)
+
+
+def features_beyond(cpu: str, triple: str, available: frozenset[str]) -> tuple[str, ...]:
+    """The ``available`` features LLVM's model of ``cpu`` lacks, sorted: the -mattr that make
+    a build for this host use everything the kernels can."""
+    named = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})
+    return tuple(sorted(f for f in available
+                        if not tvm.target.codegen.target_has_features(f, named)))
+
+
 def physical_cores() -> int:
     """Distinct (package, core) pairs among the CPUs this process may run on."""
     if hasattr(os, "sched_getaffinity"):
@@ -88,12 +123,16 @@ class LlvmTarget(Target):
         if arch not in ARCHES:
             raise TargetError(
                 f"llvm target: unsupported arch {arch!r}; supported: {', '.join(ARCHES)}")
+        triple = ARCHES[arch].triple
+        if cpu is None and arch == host_arch():
+            cpu = host_cpu()
+            return TargetChoice(name=self.name, arch=arch, cpu=cpu,
+                                features=features_beyond(cpu, triple, host_kernel_features()))
         if cpu is None:
-            cpu = host_cpu() if arch == host_arch() else "generic"
-        elif cpu != "generic" and not tvm.target.codegen.llvm_is_valid_cpu(
-                cpu, ARCHES[arch].triple):
+            cpu = "generic"
+        elif cpu != "generic" and not tvm.target.codegen.llvm_is_valid_cpu(cpu, triple):
             raise TargetError(f"LLVM knows no {arch} CPU named {cpu!r}; see `llc "
-                              f"-mtriple={ARCHES[arch].triple} -mcpu=help`, or use generic")
+                              f"-mtriple={triple} -mcpu=help`, or use generic")
         return TargetChoice(name=self.name, arch=arch, cpu=cpu)
 
     def check_model(self, config: Qwen3Config) -> None:
@@ -109,11 +148,12 @@ class LlvmTarget(Target):
 
     def tvm_target(self, choice: TargetChoice) -> tvm.target.Target:
         arch = ARCHES[choice.arch]
+        mattr = [*arch.features, *(f"+{feature}" for feature in choice.features)]
         return tvm.target.Target({
             "kind": "llvm",
             "mtriple": arch.triple,
             "mcpu": choice.cpu,
-            **({"mattr": list(arch.features)} if arch.features else {}),
+            **({"mattr": mattr} if mattr else {}),
             "num-cores": physical_cores(),
             # Without reassociation LLVM will not vectorise float reductions (about 4.7x slower).
             "fast-math-reassoc": True,
@@ -218,3 +258,9 @@ class LlvmTarget(Target):
             raise TargetError(
                 f"artifact was built for CPU {choice.cpu!r} but this host is {host_cpu()!r}; "
                 "recompile here, or compile with --cpu generic for a portable artifact")
+        missing = set(choice.features) - host_kernel_features()
+        if missing:
+            raise TargetError(
+                "artifact was built for CPU features this host lacks: "
+                f"{', '.join(sorted(missing))}; recompile here, or compile with --cpu generic "
+                "for a portable artifact")

@@ -115,6 +115,8 @@ def test_tampered_weight_file(artifact_copy):
     ("target", {"name": "llvm", "arch": "aarch64", "cpu": "generic"}, "aarch64"),
     ("target", {"name": "llvm", "arch": "x86_64", "cpu": "a-cpu-that-is-not-here"},
      "a-cpu-that-is-not-here"),
+    ("target", {"name": "llvm", "arch": "x86_64", "cpu": "generic",
+                "features": ["a-feature-not-here"]}, "lacks: a-feature-not-here"),
 ])
 def test_artifact_for_another_tvm_or_target(artifact_copy, field, value, fragment):
     manifest_file = artifact_copy / "manifest.json"

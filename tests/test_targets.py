@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.runtime.artifact import read_manifest
+from qwen3c.targets.llvm import LlvmTarget, features_beyond, host_kernel_features
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 FATBIN_KINDS = {1: "ptx", 2: "elf"}
@@ -104,3 +105,19 @@ def test_llvm_refuses_unknown_arch_and_cpu(tiny_checkpoint, tmp_path):
     with pytest.raises(qwen3c.TargetError, match="no aarch64 CPU named 'pentium'"):
         qwen3c.compile_model(tiny_checkpoint, arch="aarch64", cpu="pentium",
                              output=tmp_path / "bad-cpu")
+
+
+def test_a_host_build_uses_every_kernel_feature_of_the_host():
+    """A CPU name from an older model than the host's features (a VM) must not hide them."""
+    llvm = LlvmTarget()
+    target = llvm.tvm_target(llvm.resolve(None, None))
+    for feature in host_kernel_features():
+        assert tvm.target.codegen.target_has_features(feature, target), feature
+
+
+def test_features_beyond_a_cpu_name():
+    x86 = "x86_64-linux-gnu"
+    assert features_beyond("rocketlake", x86, frozenset({"avx2", "avx512vnni", "avx512bf16"})) \
+        == ("avx512bf16",)
+    assert features_beyond("haswell", x86, frozenset({"avx2", "fma"})) == ()
+    assert features_beyond("generic", x86, frozenset({"fma", "avx2"})) == ("avx2", "fma")
