@@ -44,12 +44,25 @@ declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloa
 IMPORT = {"pragma_import_llvm": _IR}  # annotate one loop of each kernel that calls ``dot``
 
 
-def usable(target: tvm.target.Target, dtype: str, *depths: int) -> bool:
+# CPUs whose kernels on ``vdpbf16ps`` measured faster than the float32 ones: Zen 5 (panels
+# 1.5-1.6x at 32 and 128 tokens, decode 1.06x; BENCHMARKS.md, 2026-11-23), and Zen 4 by its
+# same design, unmeasured. On an Intel Xeon with AVX512-BF16 (2026-12-05) every projection was
+# slower on them: prefill-128 GEMMs 1.2-1.3x the time, decode GEMVs 1.07-1.12x.
+PAYS_ON = ("znver4", "znver5")
+
+
+def available(target: tvm.target.Target, dtype: str, *depths: int) -> bool:
     """Whether kernels over ``dtype`` with these dot-product lengths can use ``vdpbf16ps``:
     bfloat16, whole steps, and a CPU with the 512-bit instruction."""
     return (dtype == "bfloat16" and all(depth % STEP == 0 for depth in depths)
             and target.kind.name == "llvm"
             and all(codegen.target_has_features(f, target) for f in ("avx512f", "avx512bf16")))
+
+
+def usable(target: tvm.target.Target, dtype: str, *depths: int) -> bool:
+    """Whether a build for ``target`` takes the ``vdpbf16ps`` kernels: ``available`` on a CPU
+    where they pay (``PAYS_ON``)."""
+    return available(target, dtype, *depths) and str(target.attrs.get("mcpu", "")) in PAYS_ON
 
 
 def dot(acc, a, b):

@@ -87,7 +87,7 @@ def routings(n: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, kernel):
     *_, bf16, H, I = KERNELS[kernel]
-    if bf16 and not bf16_dot.usable(host_target(), dtype, H, I):
+    if bf16 and not bf16_dot.available(host_target(), dtype, H, I):
         pytest.skip("bfloat16 dot products: bfloat16 on a CPU with AVX512-BF16 only")
     lib = build(True, dtype, kernel=kernel)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32

@@ -96,7 +96,7 @@ def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
 @pytest.mark.parametrize("n, k", [(40, 64), (16, 96)])  # 2 and 3 dot-product steps
 def test_bf16_dot_product_gemm_matches_numpy(n, k):
     target = host_target()
-    if not bf16_dot.usable(target, "bfloat16", k):
+    if not bf16_dot.available(target, "bfloat16", k):
         pytest.skip("bfloat16 dot products need a CPU with AVX512-BF16")
     kernel = tvm.compile(nt_gemm(n, k, "bfloat16", bf16=True).with_attr("global_symbol", "gemm"),
                          target=target)
@@ -115,7 +115,7 @@ def test_bf16_dot_product_gemm_matches_numpy(n, k):
 def test_bf16_panel_gemm_matches_numpy(n, k, out_dtype):
     target = host_target()
     assert bf16_panel.fits(n, k)
-    if not bf16_dot.usable(target, "bfloat16", k):
+    if not bf16_dot.available(target, "bfloat16", k):
         pytest.skip("bfloat16 panels need a CPU with AVX512-BF16")
     kernel = tvm.compile(bf16_panel.panel_gemm(n, k, out_dtype).with_attr("global_symbol",
                                                                           "gemm"), target=target)
@@ -134,14 +134,21 @@ def test_bf16_panel_gemm_matches_numpy(n, k, out_dtype):
                                    atol=tolerance * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("cpu, chosen", [("znver5", True), ("sapphirerapids", False),
+                                         ("skylake-avx512", False)])
+def test_bf16_dot_products_are_built_only_where_they_pay(cpu, chosen):
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    assert bf16_dot.usable(target, "bfloat16", 64) is chosen
+
+
 def test_bf16_dot_products_compile_to_vdpbf16ps():
     """On any AVX512-BF16 CPU (this host need not have one) the imported LLVM function is
     inlined: the kernel's machine code holds the instruction and no call to the helper."""
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
                                 "mcpu": "sapphirerapids"})
-    assert bf16_dot.usable(target, "bfloat16", 64)
-    assert not bf16_dot.usable(target, "float32", 64)
-    assert not bf16_dot.usable(target, "bfloat16", 48)
+    assert bf16_dot.available(target, "bfloat16", 64)
+    assert not bf16_dot.available(target, "float32", 64)
+    assert not bf16_dot.available(target, "bfloat16", 48)
     kernel = tvm.tirx.build(nt_gemm(40, 64, "bfloat16", bf16=True).with_attr(
         "global_symbol", "gemm"), target=target)
     assembly = kernel.inspect_source("asm")
@@ -225,7 +232,7 @@ def test_gate_up_silu_kernel_matches_numpy(kernel):
                               "neon": (4, 32, False), "avx512-bf16": (16, 32, True)}[kernel]
     hidden, intermediate, dtype = 96, 24, "bfloat16"
     target = host_target()
-    if bf16 and not bf16_dot.usable(target, dtype, hidden):
+    if bf16 and not bf16_dot.available(target, dtype, hidden):
         pytest.skip("bfloat16 dot products need a CPU with AVX512-BF16")
     fused = tvm.compile(gate_up_silu(hidden, intermediate, dtype, lanes, registers, bf16)
                         .with_attr("global_symbol", "gate_up"), target=target)
