@@ -82,7 +82,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
             x_scale = T.sblock_alloc_buffer((n, T.int64(H // G)), "float32")
             x_offset = T.sblock_alloc_buffer((n, T.int64(H // G)), "int32")
             for t in T.parallel(n):
-                quantize(x, t, t, xa, x_scale, x_offset)
+                quantize(x, t, t, xa, x_scale, x_offset, n)
             experts(q, scale, xa, x_scale, x_offset, offsets, act, None, order, n)
 
     return gate_up
@@ -123,7 +123,7 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
                     out[t, h] = T.float32(0)
             for r in T.parallel(n * T.int64(K)):
                 if r < T.Cast("int64", offsets[E]):
-                    quantize(act, r, r, xa, x_scale, x_offset)
+                    quantize(act, r, r, xa, x_scale, x_offset, n)
             experts(q, scale, xa, x_scale, x_offset, offsets, out, routing, order, n)
 
     return down

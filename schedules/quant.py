@@ -280,13 +280,15 @@ def activation_width(scheme: QuantScheme, k: int, dots: IntegerDots) -> int:
 def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
     """A TVMScript macro quantizing row ``src`` of ``x`` [., k] into row ``r`` of ``xa`` (int8
     levels in the interleaved order, ``activation_width`` bytes), ``x_scale`` and ``x_offset``
-    (offset · Σ levels), one group of G at a time: scale max|x| / 127, as llama.cpp's q8_0."""
+    (offset · Σ levels), one group of G at a time: scale max|x| / 127, as llama.cpp's q8_0.
+    ``tokens`` is the most rows one weight row meets in the call: below TILE_TOKENS (decode)
+    no tile reads the magnitudes, so they are not stored."""
     G, LANES = scheme.group, scheme.lanes(k)
     offset = scheme.offset
     magnitudes = keeps_magnitudes(scheme, k, dots)
 
     @T.macro
-    def quantize(x, src, r, xa, x_scale, x_offset):
+    def quantize(x, src, r, xa, x_scale, x_offset, tokens):
         for group in range(k // G):
             with T.sblock("quantize_x"):
                 T.reads()  # independent groups; nothing schedules this block
@@ -305,9 +307,11 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
                     xa[r, at] = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
                                                        * inverse))
                     total[0] = total[0] + T.Cast("int32", xa[r, at])
-                    if magnitudes:
-                        xa[r, at + k] = T.abs(xa[r, at])
                 x_offset[r, group] = total[0] * offset
+                if magnitudes and tokens >= TILE_TOKENS:
+                    for i in range(G):
+                        at: T.let = _position(group, i, scheme, LANES)
+                        xa[r, at + k] = T.abs(xa[r, at])
 
     return quantize
 
@@ -532,7 +536,7 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: Inte
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")
             x_offset = T.sblock_alloc_buffer((m, T.int64(K // G)), "int32")
             for t in T.parallel(m):  # tokens of a prefill in parallel
-                quantize(x, t, t, xa, x_scale, x_offset)
+                quantize(x, t, t, xa, x_scale, x_offset, m)
             for task in T.parallel(N // NG):
                 with T.sblock("rows"):
                     T.reads()  # independent tasks; nothing schedules this block
