@@ -273,7 +273,8 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
         f"quantized     {_describe_quant(manifest.quant)}",
         f"layouts       {_describe_layouts(manifest.params)}",
-        f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}",
+        f"target        {manifest.target.name} {manifest.target.arch} cpu={manifest.target.cpu}"
+        + "".join(f" +{feature}" for feature in manifest.target.features),
         f"offloaded     {_describe_offload(manifest.offload)}",
         f"context       {manifest.context_length} tokens, prefill chunk "
         f"{manifest.prefill_chunk_size}",

@@ -36,6 +36,8 @@ def test_compile_inspect_run(tiny_checkpoint, tmp_path):
     shown = invoke("inspect", out / "model.so").output
     assert "Qwen3ForCausalLM" in shown and "prefill(" in shown and "float32" in shown
     assert "layouts       as in the checkpoint" in shown  # float32: no bfloat16 panels
+    target = manifest["target"]
+    assert f"cpu={target['cpu']}{''.join(' +' + f for f in target['features'])}\n" in shown
 
     ran = invoke("run", out / "model.so", "--prompt", "def run(", "--max-new-tokens", "6")
     model = qwen3c.load(out)
