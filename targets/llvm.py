@@ -57,7 +57,7 @@ def host_cpu() -> str:
 # ``schedules.bf16_dot``), as /proc/cpuinfo and LLVM's -mattr name them. LLVM derives a host's
 # CPU name from its model number, and a virtual machine may report an older model than the
 # features it passes through: an Intel Xeon with AVX512-BF16 and AMX reads as ``rocketlake``,
-# which has no AVX512-BF16, so its bf16 kernels would go unused.
+# which has no AVX512-BF16, so a kernel choosing by it would never see it there.
 KERNEL_FEATURES = {
     "avx2": "avx2",
     "fma": "fma",
@@ -124,13 +124,13 @@ class LlvmTarget(Target):
             raise TargetError(
                 f"llvm target: unsupported arch {arch!r}; supported: {', '.join(ARCHES)}")
         triple = ARCHES[arch].triple
-        if cpu is None and arch == host_arch():
+        if cpu is None:
+            if arch != host_arch():
+                return TargetChoice(name=self.name, arch=arch, cpu="generic")
             cpu = host_cpu()
             return TargetChoice(name=self.name, arch=arch, cpu=cpu,
                                 features=features_beyond(cpu, triple, host_kernel_features()))
-        if cpu is None:
-            cpu = "generic"
-        elif cpu != "generic" and not tvm.target.codegen.llvm_is_valid_cpu(cpu, triple):
+        if cpu != "generic" and not tvm.target.codegen.llvm_is_valid_cpu(cpu, triple):
             raise TargetError(f"LLVM knows no {arch} CPU named {cpu!r}; see `llc "
                               f"-mtriple={triple} -mcpu=help`, or use generic")
         return TargetChoice(name=self.name, arch=arch, cpu=cpu)
