@@ -145,6 +145,7 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
     choice = backend.resolve(None, cpu)
     backend.check_runnable(choice)
     backend.configure_threads(threads)
+    backend.prepare_process(choice)
     scheme, head_scheme = parse_quantization(quant, quant_group, None)
     tvm_target = backend.tvm_target(choice)
     mod, _ = _model_module(config, backend, dtype, Parallelism(1, False), scheme, head_scheme,

@@ -40,6 +40,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import (
+    amx_gemm,
     bf16_dot,
     bf16_panel,
     mlp,
@@ -390,8 +391,9 @@ class Qwen3MoeExperts(nn.Module):
         else:
             vectors = vector_unit(Target.current())
             bf16 = bf16_dot.usable(Target.current(), self.dtype, H, I)
-            gate_up = moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors, bf16)
-            down = moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors, bf16)
+            amx = amx_gemm.experts_usable(Target.current(), self.dtype, H, I)
+            gate_up = moe.moe_gate_up_silu(E, k, H, I, self.dtype, *vectors, bf16, amx)
+            down = moe.moe_down_scatter(E, k, H, I, self.dtype, *vectors, bf16, amx)
         act = op.tensor_ir_op(gate_up, "moe_gate_up_silu", [x, self.gate_up_proj, offsets, order],
                               Tensor.placeholder((n * k, I), self.dtype))
         return op.tensor_ir_op(down, "moe_down_scatter",

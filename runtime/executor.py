@@ -219,6 +219,7 @@ def open_executor(directory: Path, manifest: Manifest, devices: str | None,
             f"this artifact was compiled for {shards} device(s) and --devices names "
             f"{len(ids)}; recompile with --tensor-parallel {len(ids)} to use that many")
     threads = target.configure_threads(threads, workers=shards)
+    target.prepare_process(manifest.target)  # worker 0 is a thread of this process
     if shards == 1:
         return LocalExecutor(directory, manifest, tvm.device(target.device_kind, ids[0]),
                              threads, reference_partitions)

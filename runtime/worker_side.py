@@ -21,6 +21,7 @@ import tvm
 import tvm_ffi
 
 from qwen3c.runtime.artifact import load_params, read_manifest
+from qwen3c.targets import get_target
 
 _failures: list[str] = []  # failures seen on worker 0 (a thread of this process)
 _lock = threading.Lock()
@@ -68,6 +69,7 @@ def contained(func: Callable[..., Any]) -> Callable[..., Any]:
 def load_shard(directory: str) -> list[tvm.runtime.Tensor]:
     """This worker's weights, on its device, in the order the compiled functions take them."""
     artifact, manifest = read_manifest(Path(directory))
+    get_target(manifest.target.name).prepare_process(manifest.target)
     device = tvm.get_global_func("runtime.disco.device")()
     return load_params(artifact, manifest, device, shard=worker_id())
 

@@ -41,7 +41,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, moe
+from qwen3c.schedules import amx_gemm, bf16_dot, moe
 from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
@@ -246,16 +246,30 @@ def bf16_projection(n: int, k: int):
 
 
 def projection(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
-               bf16: bool = False):
+               bf16: bool = False, amx: bool = False):
     """A TVMScript macro ``run(x, w, y, m)``: y[m, n] (float32) = x[m, k] · W[n, k]ᵀ for any
-    token count m (``bf16``: on bfloat16 dot products, see ``bf16_dot.usable``)."""
-    return bf16_projection(n, k) if bf16 else float_projection(n, k, dtype, lanes, registers)
+    token count m (``bf16``: on bfloat16 dot products, see ``bf16_dot.usable``; ``amx``:
+    prefills of ``amx_gemm.MIN_TOKENS`` or more on AMX tiles, see ``amx_gemm.usable``)."""
+    vectors = bf16_projection(n, k) if bf16 else float_projection(n, k, dtype, lanes, registers)
+    if not amx:
+        return vectors
+    tiles = amx_gemm.projection(n, k)
+
+    @T.macro
+    def run(x, w, y, m):
+        if m >= amx_gemm.MIN_TOKENS:
+            tiles(x, w, y, m)
+        else:
+            vectors(x, w, y, m)
+
+    return run
 
 
 def nt_gemm(n: int, k: int, dtype: str, lanes: int = 16, registers: int = 32,
-            bf16: bool = False) -> tirx.PrimFunc:
+            bf16: bool = False, amx: bool = False) -> tirx.PrimFunc:
     """``projection`` as a kernel."""
-    return gemm_kernel(projection(n, k, dtype, lanes, registers, bf16), n, k, dtype, (n, k))
+    return gemm_kernel(projection(n, k, dtype, lanes, registers, bf16, amx), n, k, dtype,
+                       (n, k))
 
 
 def gemm_kernel(body, n: int, k: int, dtype: str, weight_shape: tuple[int, ...],
@@ -294,7 +308,8 @@ class _GemmDispatcher(relax.PyExprMutator):
             return call
         kernel = kernel_once(self.builder_, self.kernels, ("nt_gemm", f"{n}x{k}", dtype),
                              lambda: nt_gemm(n, k, dtype, self.lanes, self.registers,
-                                             bf16_dot.usable(self.target, dtype, k)))
+                                             bf16_dot.usable(self.target, dtype, k),
+                                             amx_gemm.usable(self.target, dtype, n, k)))
         return call_per_token(self.builder_, kernel, x, n, OUT_DTYPE, weight)
 
 

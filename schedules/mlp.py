@@ -17,7 +17,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, bf16_panel, moe
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel, moe
 from qwen3c.schedules.cpu_gemm import (
     FLOATS,
     OUT_DTYPE,
@@ -54,16 +54,16 @@ def swiglu_rows(intermediate: int, dtype: str):
 
 @functools.cache
 def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
-                 registers: int = 32, bf16: bool = False, panels: bool = False
-                 ) -> tirx.PrimFunc:
+                 registers: int = 32, bf16: bool = False, panels: bool = False,
+                 amx: bool = False) -> tirx.PrimFunc:
     """act[t] = silu(W[:I] · x[t]) * (W[I:] · x[t]) for a weight W [2I, H] (``bf16``: on
     bfloat16 dot products, see ``bf16_dot.usable``; ``panels``: W stored in bfloat16 panels,
-    ``bf16_panel.py``)."""
+    ``bf16_panel.py``; ``amx``: prefills on AMX tiles, see ``amx_gemm.usable``)."""
     H, I = hidden, intermediate
     if panels:
         body, stored = bf16_panel.projection(2 * I, H, OUT_DTYPE), bf16_panel.panel_shape(2 * I, H)
     else:
-        body, stored = projection(2 * I, H, dtype, lanes, registers, bf16), (2 * I, H)
+        body, stored = projection(2 * I, H, dtype, lanes, registers, bf16, amx), (2 * I, H)
     activate = swiglu_rows(I, dtype)
 
     @T.prim_func(private=True, s_tir=True)
@@ -129,10 +129,11 @@ class _SwiGLUFuser(relax.PyExprMutator):
         (rows, hidden), dtype = [int(d) for d in weight.ty.shape], weight.ty.dtype
         intermediate = rows // 2
         bf16 = bf16_dot.usable(self.target, dtype, hidden)
+        amx = amx_gemm.usable(self.target, dtype, rows, hidden)
         kernel = kernel_once(self.builder_, self.kernels,
                              ("gate_up_silu", intermediate, hidden, dtype),
                              lambda: gate_up_silu(hidden, intermediate, dtype,
-                                                  *vector_unit(self.target), bf16))
+                                                  *vector_unit(self.target), bf16, amx=amx))
         return call_per_token(self.builder_, kernel, x, intermediate, dtype, weight)
 
     def _swiglu_input(self, call: relax.Call) -> relax.Expr | None:

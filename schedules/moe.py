@@ -27,7 +27,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot
+from qwen3c.schedules import amx_gemm, bf16_dot
 from qwen3c.schedules.fast_math import sigmoid
 from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import prefetch_to_l2
@@ -387,16 +387,62 @@ def gathered_token(top_k: int):
     return token_row
 
 
+def swiglu_tiles(intermediate: int, dtype: str):
+    """An ``amx_gemm.experts`` store: act[row, feature] = silu(gate) * up, block ``nb``'s
+    sums holding 16 gate features (tile row 0) and their up rows (tile row 1)."""
+    @T.macro
+    def store(act, routing, order, sums, first, valid, nb):
+        for t in range(T.min(valid, amx_gemm.BLOCK)):
+            for r in T.vectorized(amx_gemm.TILE):
+                act[first + t, nb * amx_gemm.TILE + r] = T.Cast(dtype, swiglu(
+                    sums[0, t // amx_gemm.TILE, r, t % amx_gemm.TILE],
+                    sums[1, t // amx_gemm.TILE, r, t % amx_gemm.TILE]))
+
+    return store
+
+
+def scatter_tiles(top_k: int):
+    """An ``amx_gemm.experts`` store: out[token, feature] += routing weight · sum for block
+    ``nb``'s 32 features."""
+    K, TILE = top_k, amx_gemm.TILE
+
+    @T.macro
+    def store(out, routing, order, sums, first, valid, nb):
+        for t in range(T.min(valid, amx_gemm.BLOCK)):
+            for i in range(2):
+                for r in T.vectorized(TILE):
+                    out[order[first + t] // K, nb * amx_gemm.BLOCK + i * TILE + r] = (
+                        out[order[first + t] // K, nb * amx_gemm.BLOCK + i * TILE + r]
+                        + routing[order[first + t] // K, order[first + t] % K]
+                        * sums[i, t // TILE, r, t % TILE])
+
+    return store
+
+
+def prefill_on_tiles(tiles, vectors):
+    """An experts macro: ``tiles`` (``amx_gemm.experts``) from ``amx_gemm.MIN_TOKENS``
+    tokens, ``vectors`` below."""
+    @T.macro
+    def experts(x, weight, offsets, dst, routing, order, count, tokens):
+        if tokens >= amx_gemm.MIN_TOKENS:
+            tiles(x, weight, offsets, dst, routing, order, count, tokens)
+        else:
+            vectors(x, weight, offsets, dst, routing, order, count, tokens)
+
+    return experts
+
+
 @functools.cache
 def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str, lanes: int = 16, registers: int = 32,
-                     bf16: bool = False) -> tirx.PrimFunc:
+                     bf16: bool = False, amx: bool = False) -> tirx.PrimFunc:
     """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row.
 
     A unit's weight rows are ``P`` gate rows and the up rows of the same features, so SwiGLU
     is applied straight to the tile's sums. The float kernel gathers the rows of x in the
     grouped order, converted to float32, once per call; with ``bf16`` (bfloat16 on
-    AVX512-BF16, ``bf16_dot``) the tiles read each token's row where it is."""
+    AVX512-BF16, ``bf16_dot``) the tiles read each token's row where it is; with ``amx``
+    (``amx_gemm.experts_usable``) prefills run on AMX tiles."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
     P = J // 2
@@ -406,6 +452,11 @@ def moe_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: in
                       bf16_dot.IMPORT if bf16 else None)
     experts = (bf16_experts(E, 2 * I, H, run) if bf16
                else float_experts(E, H, gathered_token(K), run, tile_tokens(registers, J)))
+    if amx:
+        tiles = amx_gemm.experts(E, H, I // amx_gemm.TILE,
+                                 lambda nb: (nb * amx_gemm.TILE, I + nb * amx_gemm.TILE),
+                                 gathered_token(K), swiglu_tiles(I, dtype))
+        experts = prefill_on_tiles(tiles, experts)
     return gate_up_kernel(E, K, H, I, dtype, (2 * I, H), experts)
 
 
@@ -434,10 +485,11 @@ def gate_up_kernel(num_experts: int, top_k: int, hidden: int, intermediate: int,
 @functools.cache
 def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: int,
                      dtype: str, lanes: int = 16, registers: int = 32,
-                     bf16: bool = False) -> tirx.PrimFunc:
+                     bf16: bool = False, amx: bool = False) -> tirx.PrimFunc:
     """out[token] = Σ_slots weight[token, slot] · (W2[e] · act[r]), in float32. Each task
     owns its output features and a token meets an expert at most once, so the scatter-add has
-    no races. ``bf16`` as in ``moe_gate_up_silu`` (act is already in the grouped order)."""
+    no races. ``bf16`` and ``amx`` as in ``moe_gate_up_silu`` (act is already in the grouped
+    order)."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
     J = tile_rows(registers)
     run = expert_rows(E, H, J, J, lanes, registers, I, lambda base, j: T.min(base + j, H - 1),
@@ -445,6 +497,12 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
                       prefetch_next=True)
     experts = (bf16_experts(E, H, I, run) if bf16
                else float_experts(E, I, same_row, run, tile_tokens(registers, J)))
+    if amx:
+        tiles = amx_gemm.experts(E, I, H // amx_gemm.BLOCK,
+                                 lambda nb: (nb * amx_gemm.BLOCK, nb * amx_gemm.BLOCK
+                                             + amx_gemm.TILE),
+                                 same_row, scatter_tiles(K))
+        experts = prefill_on_tiles(tiles, experts)
     return down_kernel(E, K, H, I, dtype, (H, I), experts)
 
 

@@ -109,5 +109,10 @@ class Target(ABC):
         (``scratch`` is a private directory that lives as long as the session)."""
 
     @abstractmethod
+    def prepare_process(self, choice: TargetChoice) -> None:
+        """Set up this process to run kernels built for ``choice``, before the first runs
+        (each worker process too)."""
+
+    @abstractmethod
     def check_runnable(self, choice: TargetChoice) -> None:
         """Raise ``TargetError`` when an artifact built for ``choice`` cannot run on this host."""

@@ -171,5 +171,8 @@ class ByocTarget(Target):
     def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
         raise TargetError(f"{self.name} artifacts are not sharded")
 
+    def prepare_process(self, choice: TargetChoice) -> None:
+        self.host.prepare_process(choice)
+
     def check_runnable(self, choice: TargetChoice) -> None:
         self.host.check_runnable(choice)

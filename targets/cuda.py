@@ -90,6 +90,9 @@ class CudaTarget(Target):
                               "(build TVM with USE_NCCL=ON)")
         session.init_ccl("nccl", *device_ids)
 
+    def prepare_process(self, choice: TargetChoice) -> None:
+        """CUDA kernels need nothing of the host process."""
+
     def check_runnable(self, choice: TargetChoice) -> None:
         if not tvm.cuda(0).exist:
             raise TargetError(f"this artifact runs on an NVIDIA GPU ({choice.arch}); no CUDA "

@@ -7,6 +7,7 @@ NEON: 32 x 4).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import platform
@@ -20,7 +21,7 @@ from tvm.support.cc import cross_compiler
 
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import TargetError
-from qwen3c.schedules import dispatch_cpu_gemm, schedule_cpu_matmuls
+from qwen3c.schedules import amx_gemm, dispatch_cpu_gemm, schedule_cpu_matmuls
 from qwen3c.schedules.mlp import fuse_gate_up_silu
 from qwen3c.schedules.qk_norm import fuse_qk_norm
 from qwen3c.schedules.residual_norm import fuse_residual_norm
@@ -54,10 +55,10 @@ def host_cpu() -> str:
 
 
 # The x86 features the kernels choose their instructions by (``schedules.quant.integer_dots``,
-# ``schedules.bf16_dot``), as /proc/cpuinfo and LLVM's -mattr name them. LLVM derives a host's
-# CPU name from its model number, and a virtual machine may report an older model than the
-# features it passes through: an Intel Xeon with AVX512-BF16 and AMX reads as ``rocketlake``,
-# which has no AVX512-BF16, so a kernel choosing by it would never see it there.
+# ``schedules.bf16_dot``, ``schedules.amx_gemm``), as /proc/cpuinfo and LLVM's -mattr name
+# them. LLVM derives a host's CPU name from its model number, and a virtual machine may report
+# an older model than the features it passes through: an Intel Xeon with AVX512-BF16 and AMX
+# reads as ``rocketlake``, which has neither, so a kernel choosing by it would never see them.
 KERNEL_FEATURES = {
     "avx2": "avx2",
     "fma": "fma",
@@ -66,7 +67,16 @@ KERNEL_FEATURES = {
     "avx512vl": "avx512vl",
     "avx512_vnni": "avx512vnni",
     "avx512_bf16": "avx512bf16",
+    "amx_tile": "amx-tile",
+    "amx_bf16": "amx-bf16",
 }
+
+# Linux keeps the AMX tile registers off until a process asks for them (arch_prctl
+# ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, Linux 5.16 and later); the first tile
+# instruction of a process that did not ask is killed by SIGILL.
+_SYS_ARCH_PRCTL = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
 
 
 def host_kernel_features() -> frozenset[str]:
@@ -86,6 +96,17 @@ def features_beyond(cpu: str, triple: str, available: frozenset[str]) -> tuple[s
     named = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu})
     return tuple(sorted(f for f in available
                         if not tvm.target.codegen.target_has_features(f, named)))
+
+
+def request_tile_data() -> None:
+    """Ask Linux for this process's AMX tile registers (every thread's, once for all; asking
+    again is harmless)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        raise TargetError(
+            "this artifact's kernels use AMX tiles, and the OS refused them to this process "
+            f"({os.strerror(ctypes.get_errno())}; Linux 5.16 or later grants them); recompile "
+            "with --cpu naming a CPU without AMX, e.g. --cpu icelake-server")
 
 
 def physical_cores() -> int:
@@ -249,6 +270,11 @@ class LlvmTarget(Target):
     def start_collectives(self, session: Any, device_ids: list[int], scratch: Path) -> None:
         init = session.get_global_func("qwen3c.collectives.init")
         init(str(scratch), len(device_ids))
+
+    def prepare_process(self, choice: TargetChoice) -> None:
+        """Kernels on AMX tiles need the tile registers, which Linux grants on request."""
+        if amx_gemm.has_tiles(self.tvm_target(choice)):
+            request_tile_data()
 
     def check_runnable(self, choice: TargetChoice) -> None:
         if choice.arch != host_arch():

@@ -21,7 +21,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 
 import qwen3c
 from qwen3c.compile.random_checkpoint import train_tokenizer, write_tokenizer
+from qwen3c.schedules import amx_gemm
 from qwen3c.targets import get_target
+from qwen3c.targets.llvm import request_tile_data
 
 # Small but not degenerate: several heads per kv head, head_dim != hidden / heads, two layers.
 BASE_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -39,6 +41,15 @@ def host_target() -> tvm.target.Target:
     """The llvm target qwen3c compiles for on this host."""
     backend = get_target("llvm")
     return backend.tvm_target(backend.resolve(None, None))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tile_registers() -> None:
+    """Kernel tests run AMX kernels outside the runtime, which asks for the tile registers
+    itself (tested in a fresh process by test_bfloat16.py); without them the first tile
+    instruction kills the process."""
+    if amx_gemm.has_tiles(host_target()):
+        request_tile_data()
 
 
 @pytest.fixture(scope="session")

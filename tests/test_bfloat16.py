@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from conftest import WIDER_CONFIG, assert_as_faithful_as_hf_16bit, host_target
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.reference import HFReference
-from qwen3c.schedules import bf16_dot, bf16_panel
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel
 
 
 def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(make_checkpoint, make_artifact):
@@ -48,3 +50,21 @@ def test_bfloat16_projections_and_head_on_panels_match_hf(make_checkpoint, make_
     assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
                                    HFReference(checkpoint, "bfloat16").logits(ids),
                                    top1_slack=0.02)
+
+
+def test_prefill_on_amx_tiles_runs_in_a_fresh_process(make_checkpoint, make_artifact):
+    """Where builds take AMX tiles, the runtime asks Linux for the tile registers before the
+    first prefill (a process that did not ask dies of SIGILL there): ``qwen3c run`` in a new
+    process gives the tokens this process gives."""
+    if not amx_gemm.has_tiles(host_target()):
+        pytest.skip("builds use AMX tiles only for CPUs with AMX-BF16")
+    artifact = make_artifact(make_checkpoint("bf16", **WIDER_CONFIG), dtype="bfloat16")
+    machine_code = subprocess.run(["objdump", "-d", str(artifact / "model.so")],
+                                  capture_output=True, text=True, check=True).stdout
+    assert "tdpbf16ps" in machine_code  # binutils comes with the C++ compiler builds link with
+    prompt = "def fibonacci(n): return n if n < 2 else"  # several tokens: a tile prefill
+    ran = subprocess.run([sys.executable, "-m", "qwen3c.cli", "run", str(artifact), "--prompt",
+                          prompt, "--max-new-tokens", "5"], capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == qwen3c.load(artifact).generate(prompt, max_new_tokens=5).text + "\n"

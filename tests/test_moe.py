@@ -109,7 +109,7 @@ def test_router_stats_off_by_default_and_dense_models_refuse(make_checkpoint, ma
 
 # Experts whose sizes fit bfloat16 panels (schedules/bf16_panel.py: rows in 64s, gate and up
 # paired), with a head of 10 panels, so that on AVX512-BF16 every weight but the embedding is
-# stored in panels.
+# stored in panels; on AMX the same sizes put the experts' prefills on tiles (amx_gemm.py).
 PANEL_VARIANT = dict(VARIANTS["top4-untied"], moe_intermediate_size=64, vocab_size=640)
 
 

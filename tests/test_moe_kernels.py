@@ -12,7 +12,7 @@ import tvm
 from conftest import host_target
 from tvm.script import from_source
 
-from qwen3c.schedules import bf16_dot, bf16_panel, moe, moe_gpu
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel, moe, moe_gpu
 
 E, K, H, I = 8, 3, 40, 24  # H and I are not multiples of the 16-row blocks
 FIRST_EXPERT_0 = np.zeros(1, np.int64)
@@ -23,8 +23,9 @@ FIRST_EXPERT_0 = np.zeros(1, np.int64)
 # (schedules/bf16_panel.py, bfloat16 weights stored for them) rows in steps of 64.
 KERNELS = {"avx512": (16, 32, False, H, I), "avx2": (8, 16, False, H, I),
            "neon": (4, 32, False, H, I), "avx512-bf16": (16, 32, True, 64, 96),
-           "avx512-bf16-panels": (16, 32, True, 64, 96)}
+           "avx512-bf16-panels": (16, 32, True, 64, 96), "amx": (16, 32, False, 64, 96)}
 PANELS = "avx512-bf16-panels"
+AMX = "amx"  # prefills on AMX tiles (schedules/amx_gemm.py), decode on the avx512 kernels
 
 
 def build(normalize: bool, dtype: str, local_experts: int = E, kernel: str = "avx512"):
@@ -34,9 +35,9 @@ def build(normalize: bool, dtype: str, local_experts: int = E, kernel: str = "av
         down = bf16_panel.expert_down_scatter(local_experts, K, hidden, intermediate)
     else:
         gate_up = moe.moe_gate_up_silu(local_experts, K, hidden, intermediate, dtype, lanes,
-                                       registers, bf16)
+                                       registers, bf16, kernel == AMX)
         down = moe.moe_down_scatter(local_experts, K, hidden, intermediate, dtype, lanes,
-                                    registers, bf16)
+                                    registers, bf16, kernel == AMX)
     funcs = {"route": moe.moe_route(E, K, normalize), "group": moe.moe_group(local_experts, K),
              "gate_up": gate_up, "down": down}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
@@ -89,6 +90,8 @@ def test_grouped_expert_mlp_matches_numpy(dtype, tolerance, routing, n, kernel):
     *_, bf16, H, I = KERNELS[kernel]
     if bf16 and not bf16_dot.available(host_target(), dtype, H, I):
         pytest.skip("bfloat16 dot products: bfloat16 on a CPU with AVX512-BF16 only")
+    if kernel == AMX and not amx_gemm.experts_usable(host_target(), dtype, H, I):
+        pytest.skip("AMX tiles: bfloat16 on a CPU with AMX-BF16 only")
     lib = build(True, dtype, kernel=kernel)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(2)

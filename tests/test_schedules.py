@@ -14,7 +14,7 @@ from tvm.relax.frontend import nn
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import bf16_dot, bf16_panel, fast_math, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel, fast_math, nt_gemm, schedule_nt_matmul
 from qwen3c.schedules.mlp import gate_up_silu
 from qwen3c.targets import get_target
 
@@ -154,6 +154,48 @@ def test_bf16_dot_products_compile_to_vdpbf16ps():
     assembly = kernel.inspect_source("asm")
     assert "vdpbf16ps" in assembly
     assert bf16_dot.SYMBOL not in assembly
+
+
+@pytest.mark.parametrize("n, k", [(32, 32), (96, 160)])  # one block and step; 3 x 5
+def test_amx_tile_gemm_matches_numpy(n, k):
+    target = host_target()
+    if not amx_gemm.usable(target, "bfloat16", n, k):
+        pytest.skip("AMX tile GEMMs need a CPU with AMX-BF16")
+    kernel = tvm.compile(nt_gemm(n, k, "bfloat16", amx=True).with_attr("global_symbol", "gemm"),
+                         target=target)
+    rng = np.random.default_rng(n + k)
+    weight = rng.normal(size=(n, k)).astype(ml_dtypes.bfloat16)
+    for m in (1, 2, 16, 17, 32, 70):  # decode (GEMV); one partial, whole and several blocks
+        x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(weight), y)
+        # bfloat16 products are exact in float32: only the order of the sums differs
+        np.testing.assert_allclose(y.numpy(), x.astype(np.float32) @ weight.astype(np.float32).T,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_amx_tiles_are_chosen_by_cpu_dtype_and_shape():
+    def target(cpu: str) -> tvm.target.Target:
+        return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+
+    assert amx_gemm.usable(target("sapphirerapids"), "bfloat16", 64, 96)
+    assert not amx_gemm.usable(target("sapphirerapids"), "float32", 64, 96)
+    assert not amx_gemm.usable(target("sapphirerapids"), "bfloat16", 48, 96)  # half a block
+    assert not amx_gemm.usable(target("sapphirerapids"), "bfloat16", 64, 48)  # half a step
+    assert not amx_gemm.usable(target("znver5"), "bfloat16", 64, 96)
+    assert not amx_gemm.usable(target("icelake-server"), "bfloat16", 64, 96)
+
+
+def test_amx_tile_gemm_compiles_to_tile_instructions():
+    """On any AMX CPU (this host need not have one) LLVM configures the tiles itself: the
+    kernel holds ldtilecfg and the tile products."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": "sapphirerapids"})
+    kernel = tvm.tirx.build(nt_gemm(64, 96, "bfloat16", amx=True).with_attr(
+        "global_symbol", "gemm"), target=target)
+    assembly = kernel.inspect_source("asm")
+    for instruction in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored"):
+        assert instruction in assembly, instruction
 
 
 class SwiGLU(nn.Module):
