@@ -28,6 +28,9 @@ projections and an untied head do not come here on such CPUs: their weights are 
 panels for ``vdpbf16ps`` (``bf16_panel.py``, 1.50-1.63x these tiles); what is left here is the
 tied head (the embedding table, stored by rows) and weights whose sizes the panels do not fit.
 
+On CPUs with AMX-BF16, bfloat16 prefills of 2 tokens or more run on AMX tiles instead
+(``amx_gemm.py``: 6-7x these kernels at 128 tokens); decode keeps the GEMV.
+
 ``dispatch_cpu_gemm`` routes ``matmul(x, permute_dims(W), out_dtype=float32)`` with a 2-D
 weight whose sizes fit the tiles to this kernel, before legalization; other matmuls keep the
 generic path.

@@ -17,7 +17,8 @@ vectors converted to float32 once per step for all the tile's tokens). All sums 
 
 TVM's own MoE kernels bind GPU threads only. ``moe_quant.py`` runs the same two expert steps
 over quantized weights, ``bf16_panel.py`` over bfloat16 weights stored in panels (the build's
-choice on AVX512-BF16 CPUs; the ``bf16`` tiles here serve the shapes panels do not fit).
+choice on AVX512-BF16 CPUs where they pay; the ``bf16`` tiles here serve the shapes panels do
+not fit), and ``amx_gemm.experts`` runs bfloat16 prefills on AMX tiles (``amx``).
 """
 
 from __future__ import annotations
