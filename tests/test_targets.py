@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import shutil
 import struct
 
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.runtime.artifact import read_manifest
+from qwen3c.targets import llvm
 from qwen3c.targets.llvm import LlvmTarget, features_beyond, host_kernel_features
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
@@ -115,9 +118,26 @@ def test_a_host_build_uses_every_kernel_feature_of_the_host():
         assert tvm.target.codegen.target_has_features(feature, target), feature
 
 
+def test_a_kernel_refused_the_tile_registers_is_a_clear_error(monkeypatch):
+    """Linux before 5.16 (or a sandbox) refuses the AMX tile data: the process must not go on
+    to die of SIGILL at the first prefill. (The OS is stood in for; the request that succeeds
+    runs for real wherever builds take AMX, test_bfloat16.py.)"""
+    class RefusingLibc:
+        def syscall(self, *args: int) -> int:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+
+    monkeypatch.setattr(llvm.ctypes, "CDLL", lambda *args, **kwargs: RefusingLibc())
+    with pytest.raises(qwen3c.TargetError, match="AMX tiles, and the OS refused them"):
+        llvm.request_tile_data()
+
+
 def test_features_beyond_a_cpu_name():
     x86 = "x86_64-linux-gnu"
     assert features_beyond("rocketlake", x86, frozenset({"avx2", "avx512vnni", "avx512bf16"})) \
         == ("avx512bf16",)
+    assert features_beyond("rocketlake", x86, frozenset({"amx-tile", "amx-bf16"})) \
+        == ("amx-bf16", "amx-tile")
+    assert features_beyond("sapphirerapids", x86, frozenset({"amx-tile", "amx-bf16"})) == ()
     assert features_beyond("haswell", x86, frozenset({"avx2", "fma"})) == ()
     assert features_beyond("generic", x86, frozenset({"fma", "avx2"})) == ("avx2", "fma")
