@@ -48,6 +48,7 @@ from qwen3c.schedules import (
     moe_gpu,
     moe_quant,
     quant,
+    quant_tiles,
     vector_unit,
 )
 from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
@@ -94,8 +95,10 @@ def quantized_params(rows: int, cols: int, scheme: QuantScheme,
 class QuantLinear(nn.Module):
     """y = x Wᵀ (+ b) with W stored as group-wise integers and bfloat16 scales
     (``schedules/quant.py``), multiplied in integers with the activations rounded to int8 per
-    group, for decode and prefill alike. Sums are float32; the result is in ``out_dtype`` (the
-    model dtype unless given), rounded by the kernel unless a bias is added first."""
+    group; on a CPU with AMX, prefills of ``quant_tiles.MIN_TOKENS`` or more multiply bfloat16
+    rows rebuilt from the integers on the tiles instead (``schedules/quant_tiles.py``). Sums
+    are float32; the result is in ``out_dtype`` (the model dtype unless given), rounded by the
+    kernel unless a bias is added first."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
                  scheme: QuantScheme, out_dtype: str | None = None):
@@ -105,11 +108,12 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        N, K = self.out_features, self.in_features
+        N, K, target = self.out_features, self.in_features, Target.current()
+        tiles = quant_tiles.usable(target, self.scheme, self.dtype, N, K)
+        matmul = quant_tiles.quantized_matmul if tiles else quant.quantized_matmul
         return kernel_projection(
             x, N, self.bias, self.out_dtype, "quantized_matmul",
-            lambda sums: quant.quantized_matmul(N, K, self.scheme, self.dtype,
-                                                quant.integer_dots(Target.current()), sums),
+            lambda sums: matmul(N, K, self.scheme, self.dtype, quant.integer_dots(target), sums),
             self.weight, self.weight_scale)
 
 

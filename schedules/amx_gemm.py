@@ -117,14 +117,50 @@ def padded(tokens):
     return (tokens + BLOCK - 1) // BLOCK * BLOCK
 
 
-def copy_row(words: int):
-    """A TVMScript macro: row ``row`` of ``x_words`` into token position ``at`` of ``xv``."""
+def copy_row(words: int, source_word=lambda word: word):
+    """A TVMScript macro: row ``row`` of ``x_words`` into token position ``at`` of ``xv``;
+    ``source_word(word)`` is the word of x that meets the weight's ``word`` (the identity for
+    weights in their natural order)."""
     @T.macro
     def copy(xv, x_words, at, row):
         for word in range(words):
-            xv[at // TILE, word, at % TILE] = x_words[row, word]
+            xv[at // TILE, word, at % TILE] = x_words[row, source_word(word)]
 
     return copy
+
+
+def copy_tokens(words: int, source_word=lambda word: word):
+    """A TVMScript macro ``copy(xv, x, m)``: the m tokens of x into ``xv``'s B tiles, the last
+    re-read to fill the last block (``copy_row``)."""
+    copy = copy_row(words, source_word)
+
+    @T.macro
+    def copy_all(xv, x, m):
+        x_words = T.decl_buffer((m, T.int64(words)), WORD, data=x.data)
+        for r in T.parallel(padded(m)):
+            copy(xv, x_words, r, T.min(r, m - 1))
+
+    return copy_all
+
+
+def token_blocks(depth: int, out_dtype: str):
+    """A TVMScript macro ``walk(weight0, weight1, xv, sums, y, m, nb)``: for every block of
+    tokens in ``xv``, the sums of the weight rows at addresses ``weight0`` and ``weight1``
+    (16 each, ``depth`` apart in elements) over ``depth``, stored transposed into the columns
+    of output block ``nb`` of y [m, .], rounded to ``out_dtype``."""
+    @T.macro
+    def walk(weight0, weight1, xv, sums, y, m, nb):
+        for mb in range(padded(m) // BLOCK):
+            T.evaluate(block_sums(weight0, weight1, T.address_of(xv[mb * 2, 0, 0]),
+                                  T.address_of(sums[0, 0, 0, 0]), depth))
+            for t in range(BLOCK):
+                if mb * BLOCK + t < m:
+                    for i in range(2):
+                        for r in T.vectorized(TILE):
+                            y[mb * BLOCK + t, nb * BLOCK + i * TILE + r] = T.Cast(
+                                out_dtype, sums[i, t // TILE, r, t % TILE])
+
+    return walk
 
 
 def projection(n: int, k: int):
@@ -133,33 +169,24 @@ def projection(n: int, k: int):
     assert n % BLOCK == 0 and k % STEP == 0, (n, k)
     N, K = n, k
     W = K // 2  # words of a row
-    copy = copy_row(W)
+    copy = copy_tokens(W)
+    walk = token_blocks(K, "float32")
 
     @T.macro
     def run(x, w, y, m):
         with T.sblock("amx_projection"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()
-            x_words = T.decl_buffer((m, T.int64(W)), WORD, data=x.data)
             xv = T.sblock_alloc_buffer((padded(m) // TILE, T.int64(W), TILE), WORD)
-            for r in T.parallel(padded(m)):
-                copy(xv, x_words, r, T.min(r, m - 1))
+            copy(xv, x, m)
             for nb in T.parallel(N // BLOCK, annotations=IMPORT):
                 with T.sblock("rows"):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
                     # 4 KB: the workspace pool serves it, once per task
                     sums = T.sblock_alloc_buffer((2, 2, TILE, TILE), "float32")
-                    for mb in range(padded(m) // BLOCK):
-                        T.evaluate(block_sums(
-                            T.address_of(w[nb * BLOCK, 0]), T.address_of(w[nb * BLOCK + TILE, 0]),
-                            T.address_of(xv[mb * 2, 0, 0]), T.address_of(sums[0, 0, 0, 0]), K))
-                        for t in range(BLOCK):
-                            if mb * BLOCK + t < m:
-                                for i in range(2):
-                                    for r in T.vectorized(TILE):
-                                        y[mb * BLOCK + t, nb * BLOCK + i * TILE + r] = sums[
-                                            i, t // TILE, r, t % TILE]
+                    walk(T.address_of(w[nb * BLOCK, 0]), T.address_of(w[nb * BLOCK + TILE, 0]),
+                         xv, sums, y, m, nb)
 
     return run
 

@@ -502,16 +502,15 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, dots: IntegerDots, ro
     return run
 
 
-@functools.cache
-def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: IntegerDots,
-                     out_dtype: str = "float32") -> tirx.PrimFunc:
-    """y[m, N] = x[m, K] · Wᵀ from the integers, for any token count m: each token's
-    activations are quantized once, then each task takes ROWS_PER_TASK weight rows past all
-    the tokens (``tiled_row_dots``). Sums are float32; y is rounded to ``out_dtype`` as it is
-    stored (a separate cast was a kernel launch per projection and token)."""
+def integer_projection(n: int, k: int, scheme: QuantScheme, dots: IntegerDots,
+                       out_dtype: str = "float32"):
+    """A TVMScript macro ``run(x, q, scale, y, m)``: y[m, N] = x[m, K] · Wᵀ from the integers,
+    for any token count m: each token's activations are quantized once, then each task takes
+    ROWS_PER_TASK weight rows past all the tokens (``tiled_row_dots``). Sums are float32; y is
+    rounded to ``out_dtype`` as it is stored (a separate cast was a kernel launch per
+    projection and token)."""
     assert scheme.fits(n, k), (n, k, scheme)
     N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
-    QN, QK = scheme.storage_shape(n, k)
     quantize = activation_quantizer(scheme, K, dots)
 
     @T.macro
@@ -521,16 +520,11 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: Inte
                 for j in T.vectorized(NG):
                     y[t0 + i, base + j] = T.Cast(out_dtype, dots[i, j])
 
-    run = tiled_row_dots(scheme, K, NG, dots, lambda base, j: base + j, False, store, NG)
+    tiles = tiled_row_dots(scheme, K, NG, dots, lambda base, j: base + j, False, store, NG)
 
-    @T.prim_func(private=True, s_tir=True)
-    def matmul(var_x: T.handle, q: T.Buffer((QN, QK), "uint8"),
-               scale: T.Buffer((N, K // G), SCALE_DTYPE), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
-        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
-        with T.sblock("matmul"):
+    @T.macro
+    def run(x, q, scale, y, m):
+        with T.sblock("integer_projection"):
             xa = T.sblock_alloc_buffer((m, T.int64(activation_width(scheme, K, dots))),
                                        "int8")  # levels, interleaved (then |levels|)
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")
@@ -541,6 +535,33 @@ def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: Inte
                 with T.sblock("rows"):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
-                    run(q, scale, xa, x_scale, x_offset, 0, task * NG, 0, m, y, None, None)
+                    tiles(q, scale, xa, x_scale, x_offset, 0, task * NG, 0, m, y, None, None)
+
+    return run
+
+
+def quantized_kernel(body, n: int, k: int, scheme: QuantScheme, dtype: str,
+                     out_dtype: str) -> tirx.PrimFunc:
+    """A kernel y[m, n] (``out_dtype``) = ``body(x, q, scale, y, m)`` for x [m, k] in
+    ``dtype`` and a weight quantized by ``scheme``, any token count m."""
+    N, K, G = n, k, scheme.group
+    QN, QK = scheme.storage_shape(n, k)
+
+    @T.prim_func(private=True, s_tir=True)
+    def matmul(var_x: T.handle, q: T.Buffer((QN, QK), "uint8"),
+               scale: T.Buffer((N, K // G), SCALE_DTYPE), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(K)), dtype)
+        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
+        body(x, q, scale, y, m)
 
     return matmul
+
+
+@functools.cache
+def quantized_matmul(n: int, k: int, scheme: QuantScheme, dtype: str, dots: IntegerDots,
+                     out_dtype: str = "float32") -> tirx.PrimFunc:
+    """``integer_projection`` as a kernel."""
+    return quantized_kernel(integer_projection(n, k, scheme, dots, out_dtype), n, k, scheme,
+                            dtype, out_dtype)
