@@ -25,9 +25,8 @@ import functools
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
-from tvm.target import codegen
 
-from qwen3c.schedules import amx_gemm
+from qwen3c.schedules import amx_gemm, bf16_dot
 from qwen3c.schedules.quant import (
     DOT,
     IntegerDots,
@@ -61,15 +60,14 @@ IMPORT = {"pragma_import_llvm": _IR}
 def usable(target: tvm.target.Target, scheme: QuantScheme, dtype: str, n: int, k: int) -> bool:
     """Whether an [n, k] projection quantized by ``scheme`` runs its prefills on AMX tiles."""
     return (scheme.bits in BITS and scheme.lanes(k) * DOT % (2 * LANES) == 0
-            and amx_gemm.usable(target, dtype, n, k)
-            and codegen.target_has_features("avx512bf16", target))
+            and amx_gemm.usable(target, dtype, n, k) and bf16_dot.available(target, dtype, k))
 
 
 def source_word(scheme: QuantScheme, k: int):
     """word -> word: which bfloat16 pair of a token meets the strip's ``word`` (the inverse of
     ``quant._position`` on pairs)."""
-    G, LANES = scheme.group, scheme.lanes(k)
-    V, B = LANES * DOT, LANES * G  # bytes of a dot-product vector; elements of a block
+    G, LANES_PER_BLOCK = scheme.group, scheme.lanes(k)
+    V, B = LANES_PER_BLOCK * DOT, LANES_PER_BLOCK * G  # bytes of a vector; elements of a block
 
     def source(word):
         at = word * 2
@@ -100,6 +98,7 @@ def rebuild_rows(scheme: QuantScheme, k: int):
     V, B = LANES_PER_BLOCK * DOT, LANES_PER_BLOCK * G
     BLOCK_BYTES = B * scheme.bits // 8
     VECTORS = BLOCK_BYTES // V
+    NIBBLES = 8 // scheme.bits  # levels per byte, each filling V elements of the strip
     assert V % (2 * LANES) == 0, "a dot-product vector packs into 32 bfloat16 at a time"
 
     def levels(q, row, at, shift: int):
@@ -126,12 +125,11 @@ def rebuild_rows(scheme: QuantScheme, k: int):
                             lane_scale[lane * DOT + d] = T.Cast(
                                 "float32", scale[first + r, block * LANES_PER_BLOCK + lane])
                     for v in range(VECTORS):
+                        byte: T.let = block * BLOCK_BYTES + v * V
                         for pair in T.unroll(V // (2 * LANES)):
                             c: T.let = pair * 2 * LANES
-                            byte: T.let = block * BLOCK_BYTES + v * V
-                            for nibble in T.unroll(1 if scheme.bits == 8 else 2):
-                                at: T.let = (block * B + (v * 2 + nibble) * V + c
-                                             if scheme.bits == 4 else block * B + v * V + c)
+                            for nibble in T.unroll(NIBBLES):
+                                at: T.let = block * B + (v * NIBBLES + nibble) * V + c
                                 strip[r, T.ramp(at // 2, 1, LANES)] = pack(
                                     scaled(q, lane_scale, first + r, byte, c, 4 * nibble),
                                     scaled(q, lane_scale, first + r, byte, c + LANES,
