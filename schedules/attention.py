@@ -86,7 +86,7 @@ def _fold_block(rows: int, head_dim: int):
             state[r, 3] = T.exp2(state[r, 0] - state[r, 2])
             state[r, 1] = state[r, 1] * state[r, 3]
             for j in T.vectorized(KB):
-                scores[r, j] = T.if_then_else(
+                scores[r, j] = T.Select(
                     j < visible[r], exp2_nonpositive(scores[r, j] - state[r, 2]), T.float32(0))
             for j in range(KB):
                 state[r, 1] = state[r, 1] + scores[r, j]
