@@ -40,7 +40,9 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import (
+    amx_attention,
     amx_gemm,
+    attention,
     bf16_dot,
     bf16_panel,
     mlp,
@@ -51,7 +53,6 @@ from qwen3c.schedules import (
     quant_tiles,
     vector_unit,
 )
-from qwen3c.schedules.attention import paged_decode_attention, ragged_prefill_attention
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.schedules.rope import split_rotary
 
@@ -163,15 +164,18 @@ def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, h
                           rope_theta: float, dtype: str) -> None:
     """Swap TVM's serial CPU kernels for the cache's RoPE, its prefill attention over new
     tokens and its decode attention for ours (``schedules/rope.py``,
-    ``schedules/attention.py``; same signatures), in the module being built."""
+    ``schedules/attention.py``, ``schedules/amx_attention.py`` where the CPU has AMX tiles;
+    same signatures), in the module being built."""
+    prefill = (amx_attention if amx_attention.usable(Target.current(), dtype, head_dim)
+               else attention)
     replacements = [
         (llama_rope_with_position_map(rope_theta, 1, head_dim, heads, kv_heads, dtype, {},
                                       head_dim),
          split_rotary(rope_theta, head_dim, heads, kv_heads, dtype)),
         (_attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {}),
-         ragged_prefill_attention(kv_heads, heads, head_dim, dtype)),
+         prefill.ragged_prefill_attention(kv_heads, heads, head_dim, dtype)),
         (_attention_decode_cpu(kv_heads, heads, head_dim, dtype, False, {}),
-         paged_decode_attention(kv_heads, heads, head_dim, dtype)),
+         attention.paged_decode_attention(kv_heads, heads, head_dim, dtype)),
     ]
     for stock, own in replacements:
         # map_free_vars: TVM's kernels name let-bound sizes in their blocks' read regions

@@ -1,4 +1,5 @@
-"""qwen3c's prefill attention kernel against numpy: ragged batches, GQA, odd lengths."""
+"""qwen3c's attention kernels against numpy: ragged batches, GQA, odd lengths; the vector
+kernels everywhere, the AMX prefill where the CPU has tiles."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import tvm
 from conftest import host_target
 
+from qwen3c.schedules import amx_attention
 from qwen3c.schedules.attention import KEY_BLOCK, paged_decode_attention, ragged_prefill_attention
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -51,30 +53,56 @@ def assert_matches(out, lse, expected_out, expected_lse, dtype):
     assert np.abs(lse.numpy() - expected_lse).max() <= 1e-4 * np.abs(expected_lse).max() + 1e-4
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [1, 0])
-def test_ragged_prefill_attention_matches_numpy(dtype, causal):
-    kv_heads, heads, head_dim = 2, 6, 24
-    q_lens = [5, 2 * KEY_BLOCK + 3, 1]  # within a block, across blocks, a single token
-    kv_lens = q_lens
-    rng = np.random.default_rng(0)
-    n, m = sum(q_lens), sum(kv_lens)
-    q = rng.standard_normal((n, heads, head_dim)).astype(DTYPES[dtype])
-    k = rng.standard_normal((m, kv_heads, head_dim)).astype(DTYPES[dtype])
-    v = rng.standard_normal((m, kv_heads, head_dim)).astype(DTYPES[dtype])
-    indptr = lambda lens: np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)  # noqa: E731
-
-    kernel = build(ragged_prefill_attention(kv_heads, heads, head_dim, dtype))
+def run_ragged_prefill(kernel, q_lens, kv_heads, heads, head_dim, dtype, causal, seed):
+    """The kernel over random q, k, v for sequences of ``q_lens`` new tokens, beside numpy."""
+    rng = np.random.default_rng(seed)
+    n = sum(q_lens)
+    q, k, v = (rng.standard_normal((n, count, head_dim)).astype(DTYPES[dtype])
+               for count in (heads, kv_heads, kv_heads))
+    indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     device = tvm.cpu()
     out = tvm.runtime.empty((n, heads, head_dim), dtype, device)
     lse = tvm.runtime.empty((n, heads), "float32", device)
-    arrays = [q, indptr(q_lens), k, v, indptr(kv_lens), np.zeros(n, np.int32),
-              np.zeros(len(q_lens), np.int32)]
+    arrays = [q, indptr, k, v, indptr, np.zeros(n, np.int32), np.zeros(len(q_lens), np.int32)]
     sm_scale = head_dim ** -0.5
-    kernel["main"](*(tvm.runtime.tensor(a, device) for a in arrays), out, lse,
-                   causal, 0, 1.0, 1e6, sm_scale)
+    build(kernel)["main"](*(tvm.runtime.tensor(a, device) for a in arrays), out, lse,
+                          causal, 0, 1.0, 1e6, sm_scale)
+    assert_matches(out, lse, *reference(q, k, v, q_lens, q_lens, sm_scale, causal), dtype)
 
-    assert_matches(out, lse, *reference(q, k, v, q_lens, kv_lens, sm_scale, causal), dtype)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [1, 0])
+def test_ragged_prefill_attention_matches_numpy(dtype, causal):
+    # within a block, across blocks, a single token
+    q_lens = [5, 2 * KEY_BLOCK + 3, 1]
+    run_ragged_prefill(ragged_prefill_attention(2, 6, 24, dtype), q_lens, 2, 6, 24, dtype,
+                       causal, seed=0)
+
+
+@pytest.mark.skipif(not amx_attention.usable(host_target(), "bfloat16", 64),
+                    reason="needs a CPU with AMX tiles and AVX512-BF16")
+@pytest.mark.parametrize("causal", [1, 0])
+def test_amx_prefill_attention_matches_numpy(causal):
+    """Tiles of tokens that end mid-tile, a prompt over two chunks of keys, a single token,
+    GQA of 3 query heads per KV head."""
+    q_lens = [5, amx_attention.TOKENS * 2 + 3, amx_attention.CHUNK + 40, 1]
+    run_ragged_prefill(amx_attention.ragged_prefill_attention(2, 6, 64, "bfloat16"), q_lens,
+                       2, 6, 64, "bfloat16", causal, seed=2)
+
+
+def test_amx_prefill_attention_compiles_to_tile_instructions():
+    """On any AMX CPU (this host need not have one): both products on the tiles, the
+    probabilities rounded by ``vcvtne2ps2bf16``."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": "sapphirerapids"})
+    assert amx_attention.usable(target, "bfloat16", 128)
+    assert not amx_attention.usable(target, "float32", 128)
+    assert not amx_attention.usable(target, "bfloat16", 24)
+    kernel = amx_attention.ragged_prefill_attention(8, 16, 128, "bfloat16")
+    assembly = tvm.tirx.build(kernel.with_attr("global_symbol", "main"),
+                              target=target).inspect_source("asm")
+    for instruction in ("tdpbf16ps", "vcvtne2ps2bf16"):
+        assert instruction in assembly, instruction
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

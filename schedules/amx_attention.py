@@ -1,0 +1,269 @@
+"""bfloat16 prefill attention on AMX tiles: the cache's ragged kernel (``attention.py``'s
+contract) with both products, QKᵀ and PV, as ``tdpbf16ps`` tile products.
+
+The vector kernel of ``attention.py`` spends its time in float32 FMAs, so its cost grows with
+the square of the prompt at a low rate: 20.7 ms a layer at 512 tokens for the 0.6B shape (Intel
+Xeon, 2 threads). Here a parallel task takes TOKENS consecutive tokens of one query head and
+walks the keys they may see CHUNK at a time:
+
+    S = Q Kᵀ            (amx_gemm's 2 x 2 tile blocks: Q's rows are the A tiles, 32 keys the Bs)
+    m' = max(m, rowmax S · c),  P = 2^(S · c - m'),  l = l · 2^(m - m') + Σ P
+    O = O · 2^(m - m') + P V   (P rounded to bfloat16 is the A tile, 32 values the Bs)
+
+with c = sm_scale · log2 e, so ``lse`` = m + log2 l is in log2 units as TVM's kernels (the
+cache merges partial results). P is rounded to bfloat16 before it meets V, as Hugging Face's
+bfloat16 attention rounds its softmax; S, m, l and O stay float32.
+
+The keys and values are laid out once per call in the tiles' orders (each sequence from a
+whole block on, re-reading its last key to fill it; masked): keys as ``amx_gemm`` lays out
+tokens, ``[key / 16, D / 2, 16]`` words (a B tile is 1 KB of consecutive memory, the next 32
+of D the next KB), values as ``[D / 16, key / 2, 16]`` words (each word the same feature of
+two neighbouring keys: a B tile is 16 key pairs x 16 features, the next 32 keys the next KB).
+
+Causal rows see more keys the later their tokens, and TVM splits a parallel loop into one run
+of consecutive tasks per thread, so tasks take their tiles from both ends in turn (``_tile_of``)
+and each thread gets early and late tokens alike.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from qwen3c.schedules import amx_gemm, bf16_dot, quant_tiles
+from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
+from qwen3c.schedules.scratch import stack_buffer
+
+TILE, BLOCK, WORD = amx_gemm.TILE, amx_gemm.BLOCK, amx_gemm.WORD
+TOKENS = BLOCK  # query rows of a task: two A tiles
+CHUNK = 256  # keys scored before their softmax is folded into the output
+LOWEST = -3.0e38  # the running max before any key
+
+
+def _slots(keys, sequences):
+    """Key slots enough for every sequence's keys from a whole block on."""
+    return amx_gemm.padded(keys) + sequences * BLOCK
+
+
+def usable(target: tvm.target.Target, dtype: str, head_dim: int) -> bool:
+    """Whether prefill attention over ``dtype`` heads of ``head_dim`` runs on AMX tiles."""
+    return (dtype == "bfloat16" and head_dim % amx_gemm.STEP == 0
+            and amx_gemm.has_tiles(target) and bf16_dot.available(target, dtype, head_dim))
+
+
+def _tile_of(task_tile, tiles):
+    """Task order -> tile: 0, last, 1, last - 1, ..., so any run of tasks mixes early and late
+    tokens."""
+    return T.if_then_else(task_tile % 2 == 0, task_tile // 2, tiles - 1 - task_tile // 2)
+
+
+def _lay_out(num_kv_heads: int, head_dim: int):
+    """A TVMScript macro ``lay_out(k, v, kv_indptr, start, keys, values, slots)``: the keys
+    and values of every sequence and KV head into the tiles' layouts (module docstring), the
+    keys of sequence b from slot ``start[b]`` on."""
+    D, W = head_dim, head_dim // 2
+    copy_key = amx_gemm.copy_row(W)
+
+    @T.macro
+    def lay_out(k, v, kv_indptr, start, keys, values, slots):
+        k_rows = T.decl_buffer((k.shape[0] * num_kv_heads, W), WORD, data=k.data)
+        v_bits = T.decl_buffer(v.shape, "uint16", data=v.data)
+        for gb in T.parallel(num_kv_heads * (start.shape[0] - 1)):
+            g: T.let = gb % num_kv_heads
+            b: T.let = gb // num_kv_heads
+            first: T.let = kv_indptr[b]
+            last: T.let = kv_indptr[b + 1] - 1
+            for j in range(start[b + 1] - start[b]):
+                copy_key(keys, k_rows, g * slots + start[b] + j,
+                         T.min(first + j, last) * num_kv_heads + g)
+            for pair in range((start[b + 1] - start[b]) // 2):
+                even: T.let = T.min(first + 2 * pair, last)
+                odd: T.let = T.min(first + 2 * pair + 1, last)
+                for dt in range(D // TILE):
+                    for lane in T.vectorized(TILE):
+                        values[g, dt, start[b] // 2 + pair, lane] = T.bitwise_or(
+                            T.Cast(WORD, v_bits[even, g, dt * TILE + lane]),
+                            T.shift_left(T.Cast(WORD, v_bits[odd, g, dt * TILE + lane]), 16))
+
+    return lay_out
+
+
+def _softmax():
+    """A TVMScript macro ``softmax(scores, probs, state, sees, weights, lanes, base, width,
+    scale)``: folds one chunk's scores (``width`` keys from key ``base``, in the 2 x 2 tile
+    blocks' layout) into each row's running max and sum (``state[r]``: max, sum, then the
+    rescale of what came before) and writes its probabilities, bfloat16 pairs, as the A tiles
+    of P; row r sees ``sees[r]`` keys in all, the rest weigh 0. (``T.Select``, not
+    ``if_then_else``: TVM scalarizes a loop with a vector condition in the latter.)"""
+    @T.macro
+    def softmax(scores, probs, state, sees, weights, lanes, base, width, scale):
+        for r in T.serial(TOKENS, annotations=quant_tiles.IMPORT):
+            i: T.let = r // TILE
+            visible: T.let = T.max(0, T.min(width, sees[r] - base))
+            blocks: T.let = (width + BLOCK - 1) // BLOCK
+            for lane in T.vectorized(TILE):
+                lanes[lane] = T.float32(LOWEST)
+            for kb, j in T.grid(blocks, 2):
+                for lane in T.vectorized(TILE):
+                    lanes[lane] = T.max(lanes[lane], T.Select(
+                        kb * BLOCK + j * TILE + lane < visible,
+                        scores[kb, i, j, r % TILE, lane] * scale, T.float32(LOWEST)))
+            state[r, 2] = state[r, 0]  # the new max, until it has served
+            for lane in range(TILE):
+                state[r, 2] = T.max(state[r, 2], lanes[lane])
+            for lane in T.vectorized(TILE):
+                lanes[lane] = T.float32(0)
+            for kb in range(blocks):
+                for j in range(2):
+                    for lane in T.vectorized(TILE):
+                        weights[j, lane] = T.Select(
+                            kb * BLOCK + j * TILE + lane < visible,
+                            exp2_nonpositive(scores[kb, i, j, r % TILE, lane] * scale
+                                             - state[r, 2]),
+                            T.float32(0))
+                        lanes[lane] = lanes[lane] + weights[j, lane]
+                probs[r, T.ramp(kb * TILE, 1, TILE)] = quant_tiles.pack(
+                    weights[0, T.ramp(0, 1, TILE)], weights[1, T.ramp(0, 1, TILE)])
+            rescale: T.let = exp2_nonpositive(state[r, 0] - state[r, 2])
+            state[r, 0] = state[r, 2]
+            state[r, 1] = state[r, 1] * rescale
+            state[r, 2] = rescale
+            for lane in range(TILE):
+                state[r, 1] = state[r, 1] + lanes[lane]
+
+    return softmax
+
+
+def _values_times_probs(head_dim: int):
+    """A TVMScript macro ``accumulate(acc, probs, values, sums, state, at, steps, slots)``:
+    acc = acc · rescale + P V for one chunk, ``steps`` blocks of 32 keys of P (``probs``)
+    and of the values whose first pair is at ``at`` (the address of ``values[g, 0, pair,
+    0]``), 32 features at a time through ``sums``."""
+    D = head_dim
+
+    @T.macro
+    def accumulate(acc, probs, values, sums, state, at, steps, slots):
+        for dp in range(D // BLOCK):
+            T.evaluate(T.call_extern(
+                "void", amx_gemm.SYMBOL, T.address_of(probs[0, 0]),
+                T.address_of(probs[TILE, 0]), T.int64(2 * CHUNK),
+                T.address_of(values[at[0], dp * 2, at[1], 0]), T.int64(slots // 2 * TILE * 4),
+                T.address_of(sums[0, 0, 0, 0]), T.int64(steps)))
+            for i, j, r in T.grid(2, 2, TILE):
+                for lane in T.vectorized(TILE):
+                    acc[i * TILE + r, (dp * 2 + j) * TILE + lane] = acc[
+                        i * TILE + r, (dp * 2 + j) * TILE + lane] * state[
+                        i * TILE + r, 2] + sums[i, j, r, lane]
+
+    return accumulate
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+    H, D, G, W = num_heads, head_dim, num_heads // num_kv_heads, head_dim // 2
+    lay_out, softmax = _lay_out(num_kv_heads, head_dim), _softmax()
+    accumulate = _values_times_probs(head_dim)
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                  var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+                  var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                  rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
+        q_rope_offset, k_rope_offset = T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
+                                   elem_offset=kv_indptr_offset)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                       elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+
+        with T.sblock("prefill"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            q_words = T.decl_buffer((qo_len, H, W), WORD, data=q.data)
+            # sequence b's keys from slot start[b], its tiles of tokens from tile first_tile[b]
+            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            first_tile = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            start[0] = 0
+            first_tile[0] = 0
+            for b in range(batch_size):
+                start[b + 1] = start[b] + amx_gemm.padded(kv_indptr[b + 1] - kv_indptr[b])
+                first_tile[b + 1] = first_tile[b] + (
+                    q_indptr[b + 1] - q_indptr[b] + TOKENS - 1) // TOKENS
+            keys = T.sblock_alloc_buffer(
+                (num_kv_heads * _slots(kv_len, batch_size) // TILE, W, TILE), WORD)
+            values = T.sblock_alloc_buffer(
+                (num_kv_heads, D // TILE, _slots(kv_len, batch_size) // 2, TILE), WORD)
+            lay_out(k, v, kv_indptr, start, keys, values, _slots(kv_len, batch_size))
+            for task in T.parallel(first_tile[batch_size] * H, annotations=amx_gemm.IMPORT):
+                with T.sblock("attend"):
+                    T.reads()  # independent tasks; nothing schedules this block
+                    T.writes()
+                    rows = T.sblock_alloc_buffer((TOKENS, W), WORD)
+                    scores = T.sblock_alloc_buffer((CHUNK // BLOCK, 2, 2, TILE, TILE), "float32")
+                    probs = T.sblock_alloc_buffer((TOKENS, CHUNK // 2), WORD)
+                    sums = T.sblock_alloc_buffer((2, 2, TILE, TILE), "float32")
+                    acc = T.sblock_alloc_buffer((TOKENS, D), "float32")
+                    state = stack_buffer((TOKENS, 3), "float32")  # max, sum, rescale
+                    sees = stack_buffer((TOKENS,), "int32")  # keys each row sees in all
+                    weights = stack_buffer((2, TILE), "float32")
+                    lanes = stack_buffer((TILE,), "float32")
+                    found = stack_buffer((1,), "int32")
+                    h: T.let = task % H
+                    tile: T.let = _tile_of(task // H, first_tile[batch_size])
+                    found[0] = 0
+                    for s in range(batch_size):  # the sequence of this tile
+                        if first_tile[s + 1] <= tile:
+                            found[0] = s + 1
+                    b: T.let = found[0]
+                    first_token: T.let = (tile - first_tile[b]) * TOKENS
+                    q_begin: T.let = q_indptr[b]
+                    q_count: T.let = q_indptr[b + 1] - q_begin
+                    kv_count: T.let = kv_indptr[b + 1] - kv_indptr[b]
+                    g: T.let = h // G
+                    for r in range(TOKENS):
+                        # rows past the sequence's end repeat its last token; not stored
+                        t: T.let = T.min(first_token + r, q_count - 1)
+                        for word in range(W):
+                            rows[r, word] = q_words[q_begin + t, h, word]
+                        state[r, 0] = T.float32(LOWEST)
+                        state[r, 1] = T.float32(0)
+                        sees[r] = T.if_then_else(causal > 0, kv_count - q_count + t + 1,
+                                                 kv_count)
+                        for i in T.vectorized(D):
+                            acc[r, i] = T.float32(0)
+                    for chunk in range((sees[TOKENS - 1] + CHUNK - 1) // CHUNK):
+                        width: T.let = T.min(CHUNK, sees[TOKENS - 1] - chunk * CHUNK)
+                        slot: T.let = start[b] + chunk * CHUNK
+                        for kb in range((width + BLOCK - 1) // BLOCK):
+                            T.evaluate(amx_gemm.block_sums(
+                                T.address_of(rows[0, 0]), T.address_of(rows[TILE, 0]),
+                                T.address_of(keys[(g * _slots(kv_len, batch_size) + slot
+                                                   + kb * BLOCK) // TILE, 0, 0]),
+                                T.address_of(scores[kb, 0, 0, 0, 0]), D))
+                        softmax(scores, probs, state, sees, weights, lanes, chunk * CHUNK,
+                                width, sm_scale * LOG2E)
+                        accumulate(acc, probs, values, sums, state, (g, slot // 2),
+                                   (width + BLOCK - 1) // BLOCK, _slots(kv_len, batch_size))
+                    for r in range(TOKENS):
+                        if first_token + r < q_count:
+                            for i in T.vectorized(D):
+                                output[q_begin + first_token + r, h, i] = T.Cast(
+                                    dtype, acc[r, i] / state[r, 1])
+                            lse[q_begin + first_token + r, h] = state[r, 0] + T.log2(
+                                state[r, 1])
+
+    return attention
