@@ -31,7 +31,10 @@ from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
-from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+from tvm.relax.frontend.nn.llm._prefill_kernels import (
+    _attention_prefill_cpu,
+    _attention_prefill_ragged_cpu,
+)
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 from tvm.target import Target
@@ -163,7 +166,7 @@ def kernel_projection(x: Tensor, features: int, bias: nn.Parameter | None, out_d
 def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, head_dim: int,
                           rope_theta: float, dtype: str) -> None:
     """Swap TVM's serial CPU kernels for the cache's RoPE, its prefill attention over new
-    tokens and its decode attention for ours (``schedules/rope.py``,
+    tokens and over cached pages, and its decode attention for ours (``schedules/rope.py``,
     ``schedules/attention.py``, ``schedules/amx_attention.py`` where the CPU has AMX tiles;
     same signatures), in the module being built."""
     prefill = (amx_attention if amx_attention.usable(Target.current(), dtype, head_dim)
@@ -174,6 +177,8 @@ def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, h
          split_rotary(rope_theta, head_dim, heads, kv_heads, dtype)),
         (_attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {}),
          prefill.ragged_prefill_attention(kv_heads, heads, head_dim, dtype)),
+        (_attention_prefill_cpu(kv_heads, heads, head_dim, dtype, False, {}),
+         prefill.paged_prefill_attention(kv_heads, heads, head_dim, dtype)),
         (_attention_decode_cpu(kv_heads, heads, head_dim, dtype, False, {}),
          attention.paged_decode_attention(kv_heads, heads, head_dim, dtype)),
     ]

@@ -31,14 +31,15 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import amx_gemm, bf16_dot, quant_tiles
+from qwen3c.schedules import amx_gemm, attention, bf16_dot, quant_tiles
+from qwen3c.schedules.attention import PHANTOM
 from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
 from qwen3c.schedules.scratch import stack_buffer
 
 TILE, BLOCK, WORD = amx_gemm.TILE, amx_gemm.BLOCK, amx_gemm.WORD
 TOKENS = BLOCK  # query rows of a task: two A tiles
 CHUNK = 256  # keys scored before their softmax is folded into the output
-LOWEST = -3.0e38  # the running max before any key
+LOWEST = -3.0e38  # below any score
 
 
 def _slots(keys, sequences):
@@ -58,33 +59,31 @@ def _tile_of(task_tile, tiles):
     return T.if_then_else(task_tile % 2 == 0, task_tile // 2, tiles - 1 - task_tile // 2)
 
 
-def _lay_out(num_kv_heads: int, head_dim: int):
-    """A TVMScript macro ``lay_out(k, v, kv_indptr, start, keys, values, slots)``: the keys
-    and values of every sequence and KV head into the tiles' layouts (module docstring), the
-    keys of sequence b from slot ``start[b]`` on."""
+def _lay_out(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: int):
+    """A TVMScript macro ``lay_out(key_words, value_bits, source, count, keys, values,
+    slots)``: the ``count`` key slots (``attention.ragged_sources`` / ``paged_sources``: row
+    ``source[slot]`` + g · ``head_stride`` of ``key_words``, bfloat16 pairs as words; the
+    values ``value_offset`` rows further in ``value_bits``, bfloat16 bits) of every KV head g
+    into the tiles' layouts (module docstring), head g's from key slot g · ``slots`` on."""
     D, W = head_dim, head_dim // 2
     copy_key = amx_gemm.copy_row(W)
 
     @T.macro
-    def lay_out(k, v, kv_indptr, start, keys, values, slots):
-        k_rows = T.decl_buffer((k.shape[0] * num_kv_heads, W), WORD, data=k.data)
-        v_bits = T.decl_buffer(v.shape, "uint16", data=v.data)
-        for gb in T.parallel(num_kv_heads * (start.shape[0] - 1)):
-            g: T.let = gb % num_kv_heads
-            b: T.let = gb // num_kv_heads
-            first: T.let = kv_indptr[b]
-            last: T.let = kv_indptr[b + 1] - 1
-            for j in range(start[b + 1] - start[b]):
-                copy_key(keys, k_rows, g * slots + start[b] + j,
-                         T.min(first + j, last) * num_kv_heads + g)
-            for pair in range((start[b + 1] - start[b]) // 2):
-                even: T.let = T.min(first + 2 * pair, last)
-                odd: T.let = T.min(first + 2 * pair + 1, last)
+    def lay_out(key_words, value_bits, source, count, keys, values, slots):
+        for gp in T.parallel(num_kv_heads * (count // BLOCK)):
+            g: T.let = gp % num_kv_heads
+            first: T.let = gp // num_kv_heads * BLOCK
+            for j in range(BLOCK):
+                copy_key(keys, key_words, g * slots + first + j,
+                         source[first + j] + g * head_stride)
+            for pair in range(BLOCK // 2):
+                even: T.let = source[first + 2 * pair] + g * head_stride + value_offset
+                odd: T.let = source[first + 2 * pair + 1] + g * head_stride + value_offset
                 for dt in range(D // TILE):
                     for lane in T.vectorized(TILE):
-                        values[g, dt, start[b] // 2 + pair, lane] = T.bitwise_or(
-                            T.Cast(WORD, v_bits[even, g, dt * TILE + lane]),
-                            T.shift_left(T.Cast(WORD, v_bits[odd, g, dt * TILE + lane]), 16))
+                        values[g, dt, first // 2 + pair, lane] = T.bitwise_or(
+                            T.Cast(WORD, value_bits[even, dt * TILE + lane]),
+                            T.shift_left(T.Cast(WORD, value_bits[odd, dt * TILE + lane]), 16))
 
     return lay_out
 
@@ -159,55 +158,26 @@ def _values_times_probs(head_dim: int):
     return accumulate
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                             dtype: str) -> tirx.PrimFunc:
-    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
+    """A TVMScript macro ``attend(q, q_indptr, start, length, keys, values, output, lse,
+    causal, sm_scale, slots)``: every query row against its sequence's ``length[b]`` keys,
+    laid out from slot ``start[b]`` by ``_lay_out`` (the last ``q_count`` of them the new
+    tokens' own when causal). A task is TOKENS tokens of one query head (module docstring)."""
     H, D, G, W = num_heads, head_dim, num_heads // num_kv_heads, head_dim // 2
-    lay_out, softmax = _lay_out(num_kv_heads, head_dim), _softmax()
-    accumulate = _values_times_probs(head_dim)
+    softmax, accumulate = _softmax(), _values_times_probs(head_dim)
 
-    @T.prim_func(private=True, s_tir=True)
-    def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                  var_kv_indptr: T.handle, var_q_rope_position: T.handle,
-                  var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                  rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
-        q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
-        q_rope_offset, k_rope_offset = T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
-                                  elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
-        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
-                                   elem_offset=kv_indptr_offset)
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
-                       elem_offset=k_rope_offset)
-        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
-        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
-
-        with T.sblock("prefill"):
+    @T.macro
+    def attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale, slots):
+        with T.sblock("tasks"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()
-            q_words = T.decl_buffer((qo_len, H, W), WORD, data=q.data)
-            # sequence b's keys from slot start[b], its tiles of tokens from tile first_tile[b]
-            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            first_tile = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            start[0] = 0
+            batch_size: T.let = q_indptr.shape[0] - 1
+            q_words = T.decl_buffer((q.shape[0], H, W), WORD, data=q.data)
+            first_tile = T.sblock_alloc_buffer((q_indptr.shape[0],), "int32")  # per sequence
             first_tile[0] = 0
             for b in range(batch_size):
-                start[b + 1] = start[b] + amx_gemm.padded(kv_indptr[b + 1] - kv_indptr[b])
                 first_tile[b + 1] = first_tile[b] + (
                     q_indptr[b + 1] - q_indptr[b] + TOKENS - 1) // TOKENS
-            keys = T.sblock_alloc_buffer(
-                (num_kv_heads * _slots(kv_len, batch_size) // TILE, W, TILE), WORD)
-            values = T.sblock_alloc_buffer(
-                (num_kv_heads, D // TILE, _slots(kv_len, batch_size) // 2, TILE), WORD)
-            lay_out(k, v, kv_indptr, start, keys, values, _slots(kv_len, batch_size))
             for task in T.parallel(first_tile[batch_size] * H, annotations=amx_gemm.IMPORT):
                 with T.sblock("attend"):
                     T.reads()  # independent tasks; nothing schedules this block
@@ -232,17 +202,16 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                     first_token: T.let = (tile - first_tile[b]) * TOKENS
                     q_begin: T.let = q_indptr[b]
                     q_count: T.let = q_indptr[b + 1] - q_begin
-                    kv_count: T.let = kv_indptr[b + 1] - kv_indptr[b]
                     g: T.let = h // G
                     for r in range(TOKENS):
                         # rows past the sequence's end repeat its last token; not stored
                         t: T.let = T.min(first_token + r, q_count - 1)
                         for word in range(W):
                             rows[r, word] = q_words[q_begin + t, h, word]
-                        state[r, 0] = T.float32(LOWEST)
-                        state[r, 1] = T.float32(0)
-                        sees[r] = T.if_then_else(causal > 0, kv_count - q_count + t + 1,
-                                                 kv_count)
+                        state[r, 0] = T.float32(PHANTOM)
+                        state[r, 1] = T.float32(1)
+                        sees[r] = T.max(0, T.if_then_else(
+                            causal > 0, length[b] - q_count + t + 1, length[b]))
                         for i in T.vectorized(D):
                             acc[r, i] = T.float32(0)
                     for chunk in range((sees[TOKENS - 1] + CHUNK - 1) // CHUNK):
@@ -251,19 +220,125 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                         for kb in range((width + BLOCK - 1) // BLOCK):
                             T.evaluate(amx_gemm.block_sums(
                                 T.address_of(rows[0, 0]), T.address_of(rows[TILE, 0]),
-                                T.address_of(keys[(g * _slots(kv_len, batch_size) + slot
-                                                   + kb * BLOCK) // TILE, 0, 0]),
+                                T.address_of(keys[(g * slots + slot + kb * BLOCK) // TILE, 0, 0]),
                                 T.address_of(scores[kb, 0, 0, 0, 0]), D))
-                        softmax(scores, probs, state, sees, weights, lanes, chunk * CHUNK,
-                                width, sm_scale * LOG2E)
+                        softmax(scores, probs, state, sees, weights, lanes, chunk * CHUNK, width,
+                                sm_scale * LOG2E)
                         accumulate(acc, probs, values, sums, state, (g, slot // 2),
-                                   (width + BLOCK - 1) // BLOCK, _slots(kv_len, batch_size))
+                                   (width + BLOCK - 1) // BLOCK, slots)
                     for r in range(TOKENS):
                         if first_token + r < q_count:
                             for i in T.vectorized(D):
                                 output[q_begin + first_token + r, h, i] = T.Cast(
                                     dtype, acc[r, i] / state[r, 1])
-                            lse[q_begin + first_token + r, h] = state[r, 0] + T.log2(
-                                state[r, 1])
+                            lse[q_begin + first_token + r, h] = state[r, 0] + T.log2(state[r, 1])
 
-    return attention
+    return attend
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+    H, D, W = num_heads, head_dim, head_dim // 2
+    sources = attention.ragged_sources(num_kv_heads, BLOCK)
+    lay_out = _lay_out(num_kv_heads, head_dim, 1, 0)
+    attend = _tasks(num_kv_heads, num_heads, head_dim, dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def prefill(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+                var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
+        q_rope_offset, k_rope_offset = T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
+                                   elem_offset=kv_indptr_offset)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                       elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+
+        with T.sblock("prefill"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            length = T.sblock_alloc_buffer((batch_size,), "int32")
+            source = T.sblock_alloc_buffer((_slots(kv_len, batch_size),), "int32")
+            keys = T.sblock_alloc_buffer(
+                (num_kv_heads * _slots(kv_len, batch_size) // TILE, W, TILE), WORD)
+            values = T.sblock_alloc_buffer(
+                (num_kv_heads, D // TILE, _slots(kv_len, batch_size) // 2, TILE), WORD)
+            sources(kv_indptr, start, length, source, batch_size)
+            lay_out(T.decl_buffer((kv_len * num_kv_heads, W), WORD, data=k.data),
+                    T.decl_buffer((kv_len * num_kv_heads, D), "uint16", data=v.data), source,
+                    start[batch_size], keys, values, _slots(kv_len, batch_size))
+            attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale,
+                   _slots(kv_len, batch_size))
+
+    return prefill
+
+
+def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                            page_size: int = 16) -> tirx.PrimFunc:
+    """``attention.paged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+    H, D, W, P = num_heads, head_dim, head_dim // 2, page_size
+    sources = attention.paged_sources(num_kv_heads, P, BLOCK)
+    lay_out = _lay_out(num_kv_heads, head_dim, P, num_kv_heads * P)
+    attend = _tasks(num_kv_heads, num_heads, head_dim, dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def prefill(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
+                var_page_indptr: T.handle, var_page_values: T.handle,
+                var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+                var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
+        q_indptr_offset, page_indptr_offset, values_offset = T.int32(), T.int32(), T.int32()
+        length_offset, k_rope_offset, q_rope_offset = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, P, D), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
+                                     elem_offset=values_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
+                                       elem_offset=length_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H), "float32")
+        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+
+        with T.sblock("prefill"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            length = T.sblock_alloc_buffer((batch_size,), "int32")
+            source = T.sblock_alloc_buffer((_slots(nnz_pages * P, batch_size),), "int32")
+            keys = T.sblock_alloc_buffer(
+                (num_kv_heads * _slots(nnz_pages * P, batch_size) // TILE, W, TILE), WORD)
+            values = T.sblock_alloc_buffer(
+                (num_kv_heads, D // TILE, _slots(nnz_pages * P, batch_size) // 2, TILE), WORD)
+            sources(page_indptr, page_values, last_page_len, start, length, source, batch_size)
+            rows: T.let = max_num_pages * 2 * num_kv_heads * P
+            lay_out(T.decl_buffer((rows, W), WORD, data=pages.data),
+                    T.decl_buffer((rows, D), "uint16", data=pages.data), source,
+                    start[batch_size], keys, values, _slots(nnz_pages * P, batch_size))
+            attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale,
+                   _slots(nnz_pages * P, batch_size))
+
+    return prefill

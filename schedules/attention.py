@@ -121,15 +121,137 @@ def _store_row(head_dim: int, dtype: str):
     return store
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                             dtype: str) -> tirx.PrimFunc:
-    """Each new token attends to the new tokens of its sequence (up to itself when causal):
-    ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs. A task
-    is one KV head of a tile of TOKENS consecutive tokens of one sequence."""
-    H, D, G, KB = num_heads, head_dim, num_heads // num_kv_heads, KEY_BLOCK
+PHANTOM = -5.0e4  # TVM's kernels start each row at a key of this score, weight 1, value 0
+
+
+def ragged_sources(num_kv_heads: int, align: int):
+    """A TVMScript macro ``sources(kv_indptr, start, length, source, batch_size)`` for keys
+    given as new tokens ``k``/``v[m, H_kv, D]``: sequence b's ``length[b]`` keys get slots from
+    ``start[b]`` on (rounded up to ``align`` slots, the padding re-reading the last key), and
+    ``source[slot]`` is the row of k / v (viewed as [m * H_kv, D]) of KV head 0."""
+    @T.macro
+    def sources(kv_indptr, start, length, source, batch_size):
+        start[0] = 0
+        for b in range(batch_size):
+            length[b] = kv_indptr[b + 1] - kv_indptr[b]
+            start[b + 1] = start[b] + (length[b] + align - 1) // align * align
+        for b in range(batch_size):
+            for j in range(start[b + 1] - start[b]):
+                source[start[b] + j] = (kv_indptr[b] + T.min(j, length[b] - 1)) * num_kv_heads
+
+    return sources
+
+
+def paged_sources(num_kv_heads: int, page_size: int, align: int):
+    """``ragged_sources`` for keys in the cache's pages (``pages[page, 0 = key | 1 = value,
+    KV head, slot, D]``, viewed as rows of D): ``source[slot]`` is the row of the key for KV
+    head 0 (its value is ``num_kv_heads * page_size`` rows on, the next head ``page_size``)."""
+    P = page_size
+
+    @T.macro
+    def sources(page_indptr, page_values, last_page_len, start, length, source, batch_size):
+        start[0] = 0
+        for b in range(batch_size):
+            pages: T.let = page_indptr[b + 1] - page_indptr[b]
+            length[b] = T.if_then_else(pages > 0, (pages - 1) * P + last_page_len[b], 0)
+            start[b + 1] = start[b] + (length[b] + align - 1) // align * align
+        for b in range(batch_size):
+            for j in range(start[b + 1] - start[b]):
+                key: T.let = T.min(j, length[b] - 1)
+                source[start[b] + j] = page_values[page_indptr[b] + key // P] * (
+                    2 * num_kv_heads * P) + key % P
+
+    return sources
+
+
+def _gather(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: int):
+    """A TVMScript macro ``gather(key_rows, value_rows, source, count, keys_t, values)``: the
+    ``count`` slots' keys (row ``source[slot]`` + g · ``head_stride`` of ``key_rows``),
+    float32 and transposed, into ``keys_t[g, D, slot]``, and their values (``value_offset``
+    rows further in ``value_rows``) into ``values[g, slot, D]``; KEY_BLOCK zero keys past the
+    last let a block run whole past a sequence's end."""
+    D, KB = head_dim, KEY_BLOCK
+
+    @T.macro
+    def gather(key_rows, value_rows, source, count, keys_t, values):
+        for g, i in T.grid(num_kv_heads, D):
+            for j in T.vectorized(KB):
+                keys_t[g, i, count + j] = T.float32(0)
+        for g, j, i in T.grid(num_kv_heads, KB, D):
+            values[g, count + j, i] = T.float32(0)
+        for gj in T.parallel(num_kv_heads * count):
+            g: T.let = gj // count
+            row: T.let = source[gj % count] + g * head_stride
+            for i in range(D):
+                keys_t[g, i, gj % count] = T.Cast("float32", key_rows[row, i])
+                values[g, gj % count, i] = T.Cast("float32", value_rows[row + value_offset, i])
+
+    return gather
+
+
+def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
+    """A TVMScript macro ``attend(q, q_indptr, start, length, keys_t, values, output, lse,
+    causal, sm_scale, batch_size)``: every query row against its sequence's keys (``length[b]``
+    of them from slot ``start[b]`` of ``_gather``'s buffers; the last ``q_count`` of them are
+    the new tokens' own when causal). A task is one KV head of a tile of TOKENS consecutive
+    tokens of one sequence; tiles past a sequence's end do nothing."""
+    D, G, KB = head_dim, num_heads // num_kv_heads, KEY_BLOCK
     TOKENS = max(1, TARGET_ROWS // G)
     R = TOKENS * G
     score, fold, store = _score_block(R, D), _fold_block(R, D), _store_row(D, dtype)
+
+    @T.macro
+    def attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
+               batch_size):
+        for task in T.parallel((q.shape[0] + TOKENS - 1) // TOKENS * batch_size * num_kv_heads):
+            with T.sblock("attend"):
+                T.reads()  # independent tasks; nothing schedules this block
+                T.writes()
+                query = T.sblock_alloc_buffer((R, D), "float32")
+                acc = T.sblock_alloc_buffer((R, D), "float32")
+                scores = stack_buffer((R, KB), "float32")
+                partial = stack_buffer((R, _lanes(D)), "float32")
+                state = stack_buffer((R, 4), "float32")
+                sees = stack_buffer((R,), "int32")  # keys each row sees in all
+                visible = stack_buffer((R,), "int32")  # ... in the current block
+                g: T.let = task % num_kv_heads
+                b: T.let = task // num_kv_heads % batch_size
+                first_token: T.let = task // num_kv_heads // batch_size * TOKENS
+                q_begin: T.let = q_indptr[b]
+                q_count: T.let = q_indptr[b + 1] - q_begin
+                if first_token < q_count:
+                    for r in range(R):
+                        # rows past the sequence's end repeat its last token; not stored
+                        t: T.let = T.min(first_token + r // G, q_count - 1)
+                        sees[r] = T.if_then_else(causal > 0, length[b] - q_count + t + 1,
+                                                 length[b])
+                        state[r, 0] = T.float32(PHANTOM)
+                        state[r, 1] = T.float32(1)
+                        for i in range(D):
+                            query[r, i] = T.Cast(
+                                "float32", q[q_begin + t, g * G + r % G, i]) * (sm_scale * LOG2E)
+                            acc[r, i] = T.float32(0)
+                    for block in range((sees[R - 1] + KB - 1) // KB):
+                        for r in range(R):
+                            visible[r] = T.max(0, T.min(KB, sees[r] - block * KB))
+                        score(query, scores, keys_t, g, start[b] + block * KB)
+                        fold(acc, state, scores, values, g, start[b] + block * KB, visible,
+                             partial)
+                    for r in range(R):
+                        if first_token + r // G < q_count:
+                            store(output, lse, acc, state, r, q_begin + first_token + r // G,
+                                  g * G + r % G)
+
+    return attend
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """Each new token attends to the new tokens of its sequence (up to itself when causal):
+    ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs."""
+    H, D, KB = num_heads, head_dim, KEY_BLOCK
+    sources, gather = ragged_sources(num_kv_heads, 1), _gather(num_kv_heads, D, 1, 0)
+    attend = _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -156,63 +278,75 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
         assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
 
         with T.sblock("prefill"):
-            # float32 keys, transposed, and values, once per call for all tasks; KB zero keys
-            # past the end let a block run whole past a sequence's last key
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            length = T.sblock_alloc_buffer((batch_size,), "int32")
+            source = T.sblock_alloc_buffer((kv_len,), "int32")
             keys_t = T.sblock_alloc_buffer((num_kv_heads, D, kv_len + KB), "float32")
             values = T.sblock_alloc_buffer((num_kv_heads, kv_len + KB, D), "float32")
-            for g, i in T.grid(num_kv_heads, D):
-                for j in T.vectorized(KB):
-                    keys_t[g, i, kv_len + j] = T.float32(0)
-            for g, j, i in T.grid(num_kv_heads, KB, D):
-                values[g, kv_len + j, i] = T.float32(0)
-            for gj in T.parallel(num_kv_heads * kv_len):
-                for i in range(D):
-                    keys_t[gj // kv_len, i, gj % kv_len] = T.Cast("float32",
-                                                                 k[gj % kv_len, gj // kv_len, i])
-                    values[gj // kv_len, gj % kv_len, i] = T.Cast("float32",
-                                                                 v[gj % kv_len, gj // kv_len, i])
-            # Tasks: (tile, sequence, KV head); tiles past a sequence's end do nothing.
-            for task in T.parallel((qo_len + TOKENS - 1) // TOKENS * batch_size * num_kv_heads):
-                with T.sblock("attend"):
-                    T.reads()  # independent tasks; nothing schedules this block
-                    T.writes()
-                    query = T.sblock_alloc_buffer((R, D), "float32")
-                    acc = T.sblock_alloc_buffer((R, D), "float32")
-                    scores = stack_buffer((R, KB), "float32")
-                    partial = stack_buffer((R, _lanes(D)), "float32")
-                    state = stack_buffer((R, 4), "float32")
-                    sees = stack_buffer((R,), "int32")  # keys each row sees in all
-                    visible = stack_buffer((R,), "int32")  # ... in the current block
-                    g: T.let = task % num_kv_heads
-                    b: T.let = task // num_kv_heads % batch_size
-                    first_token: T.let = task // num_kv_heads // batch_size * TOKENS
-                    q_begin: T.let = q_indptr[b]
-                    q_count: T.let = q_indptr[b + 1] - q_begin
-                    kv_begin: T.let = kv_indptr[b]
-                    kv_count: T.let = kv_indptr[b + 1] - kv_begin
-                    if first_token < q_count:
-                        for r in range(R):
-                            # rows past the sequence's end repeat its last token; not stored
-                            t: T.let = T.min(first_token + r // G, q_count - 1)
-                            sees[r] = T.if_then_else(causal > 0, kv_count - q_count + t + 1,
-                                                     kv_count)
-                            state[r, 0] = T.float32(-3.0e38)
-                            state[r, 1] = T.float32(0)
-                            for i in range(D):
-                                query[r, i] = T.Cast(
-                                    "float32", q[q_begin + t, g * G + r % G, i]) * (
-                                    sm_scale * LOG2E)
-                                acc[r, i] = T.float32(0)
-                        for block in range((sees[R - 1] + KB - 1) // KB):
-                            for r in range(R):
-                                visible[r] = T.max(0, T.min(KB, sees[r] - block * KB))
-                            score(query, scores, keys_t, g, kv_begin + block * KB)
-                            fold(acc, state, scores, values, g, kv_begin + block * KB, visible,
-                                 partial)
-                        for r in range(R):
-                            if first_token + r // G < q_count:
-                                store(output, lse, acc, state, r,
-                                      q_begin + first_token + r // G, g * G + r % G)
+            sources(kv_indptr, start, length, source, batch_size)
+            gather(T.decl_buffer((kv_len * num_kv_heads, D), dtype, data=k.data),
+                   T.decl_buffer((kv_len * num_kv_heads, D), dtype, data=v.data), source,
+                   start[batch_size], keys_t, values)
+            attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
+                   batch_size)
+
+    return attention
+
+
+def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                            page_size: int = 16) -> tirx.PrimFunc:
+    """New tokens attend to what their sequences hold in the cache's pages (a prompt's earlier
+    chunks, a shared prefix): TVM's ``_attention_prefill_cpu`` contract, whose own kernel walks
+    every slot of the cache for every query row. The keys are gathered once per call, then the
+    tasks are the ragged kernel's; a sequence with no pages gets output 0 and lse -5e4."""
+    H, D, KB, P = num_heads, head_dim, KEY_BLOCK, page_size
+    sources = paged_sources(num_kv_heads, P, 1)
+    gather = _gather(num_kv_heads, D, P, num_kv_heads * P)
+    attend = _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
+                  var_page_indptr: T.handle, var_page_values: T.handle,
+                  var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+                  var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                  rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
+        q_indptr_offset, page_indptr_offset, values_offset = T.int32(), T.int32(), T.int32()
+        length_offset, k_rope_offset, q_rope_offset = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
+                                  elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, P, D), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
+                                     elem_offset=values_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
+                                       elem_offset=length_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H), "float32")
+        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+
+        with T.sblock("prefill"):
+            T.reads()  # runs once; nothing schedules this block
+            T.writes()
+            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
+            length = T.sblock_alloc_buffer((batch_size,), "int32")
+            source = T.sblock_alloc_buffer((nnz_pages * P,), "int32")
+            keys_t = T.sblock_alloc_buffer((num_kv_heads, D, nnz_pages * P + KB), "float32")
+            values = T.sblock_alloc_buffer((num_kv_heads, nnz_pages * P + KB, D), "float32")
+            sources(page_indptr, page_values, last_page_len, start, length, source, batch_size)
+            rows = T.decl_buffer((max_num_pages * 2 * num_kv_heads * P, D), dtype,
+                                 data=pages.data)
+            gather(rows, rows, source, start[batch_size], keys_t, values)
+            attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
+                   batch_size)
 
     return attention
 

@@ -12,7 +12,12 @@ import tvm
 from conftest import host_target
 
 from qwen3c.schedules import amx_attention
-from qwen3c.schedules.attention import KEY_BLOCK, paged_decode_attention, ragged_prefill_attention
+from qwen3c.schedules.attention import (
+    KEY_BLOCK,
+    paged_decode_attention,
+    paged_prefill_attention,
+    ragged_prefill_attention,
+)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -105,45 +110,105 @@ def test_amx_prefill_attention_compiles_to_tile_instructions():
         assert instruction in assembly, instruction
 
 
+class PagedCache:
+    """Random keys and values for sequences of ``kv_lens`` tokens in shuffled pages of the
+    cache's layout ``[page, 0 = key | 1 = value, KV head, slot, D]``, one page owned by none."""
+
+    def __init__(self, kv_lens, kv_heads, head_dim, dtype, rng, page_size=16):
+        counts = [-(-length // page_size) for length in kv_lens]
+        num_pages = sum(counts) + 1
+        self.kv_lens, self.page_size = kv_lens, page_size
+        self.pages = rng.standard_normal(
+            (num_pages, 2, kv_heads, page_size, head_dim)).astype(DTYPES[dtype])
+        self.page_ids = rng.permutation(num_pages)[:sum(counts)].astype(np.int32)
+        self.page_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        self.last_page_len = np.array([length - max(count - 1, 0) * page_size
+                                       for length, count in zip(kv_lens, counts, strict=True)],
+                                      np.int32)
+
+    def arrays(self):
+        return [self.pages, self.page_indptr, self.page_ids, self.last_page_len]
+
+    def context(self, part: int, sequences) -> np.ndarray:
+        """Keys (0) or values (1) of these sequences in order, [tokens, kv_heads, head_dim]."""
+        P = self.page_size
+        rows = [self.pages[self.page_ids[self.page_indptr[b] + t // P], part, :, t % P]
+                for b in sequences for t in range(self.kv_lens[b])]
+        return np.stack(rows)
+
+
+def assert_no_context_gives_zero(out, lse, rows):
+    """TVM's contract for a sequence with no pages (at a level of a shared prefix it does not
+    reach): output 0 and lse -5e4, which weighs nothing when the cache merges levels."""
+    assert not out.numpy()[rows].astype(np.float32).any()
+    np.testing.assert_array_equal(lse.numpy()[rows], -5e4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_decode_attention_matches_numpy(dtype):
     """Sequences whose contexts end mid-page and mid-block, in shuffled pages, and one with
-    no pages (at a level of a shared prefix it does not reach): output 0, lse -5e4 as TVM's."""
-    kv_heads, heads, head_dim, page_size = 2, 6, 24, 16
-    kv_lens = [1, 2 * KEY_BLOCK + 5, 0, page_size]
+    no pages."""
+    kv_heads, heads, head_dim = 2, 6, 24
+    kv_lens = [1, 2 * KEY_BLOCK + 5, 0, 16]
     rng = np.random.default_rng(1)
-    page_counts = [-(-length // page_size) for length in kv_lens]
-    num_pages = sum(page_counts) + 1  # one page nobody owns
-    pages = rng.standard_normal((num_pages, 2, kv_heads, page_size, head_dim)).astype(
-        DTYPES[dtype])
-    page_ids = rng.permutation(num_pages)[:sum(page_counts)].astype(np.int32)
-    page_indptr = np.concatenate([[0], np.cumsum(page_counts)]).astype(np.int32)
-    last_page_len = np.array([length - max(count - 1, 0) * page_size
-                              for length, count in zip(kv_lens, page_counts, strict=True)],
-                             np.int32)
+    cache = PagedCache(kv_lens, kv_heads, head_dim, dtype, rng)
     q = rng.standard_normal((len(kv_lens), heads, head_dim)).astype(DTYPES[dtype])
 
-    def context(part: int) -> np.ndarray:
-        """Keys (0) or values (1) of all sequences in order, [tokens, kv_heads, head_dim]."""
-        rows = [pages[page_ids[page_indptr[b] + t // page_size], part, :, t % page_size]
-                for b, length in enumerate(kv_lens) for t in range(length)]
-        return np.stack(rows)
-
-    kernel = build(paged_decode_attention(kv_heads, heads, head_dim, dtype, page_size))
+    kernel = build(paged_decode_attention(kv_heads, heads, head_dim, dtype))
     device = tvm.cpu()
     out = tvm.runtime.empty(q.shape, dtype, device)
     lse = tvm.runtime.empty(q.shape[:2], "float32", device)
     zeros = np.zeros(len(kv_lens), np.int32)
-    arrays = [q, pages, page_indptr, page_ids, last_page_len, zeros, zeros]
-    sm_scale = head_dim ** -0.5
-    kernel["main"](*(tvm.runtime.tensor(a, device) for a in arrays), out, lse,
-                   0, 1.0, 1e6, sm_scale)
+    kernel["main"](*(tvm.runtime.tensor(a, device) for a in [q, *cache.arrays(), zeros, zeros]),
+                   out, lse, 0, 1.0, 1e6, head_dim ** -0.5)
 
     seen = [b for b, length in enumerate(kv_lens) if length]
-    expected = reference(q[seen], context(0), context(1), [1] * len(seen),
-                         [kv_lens[b] for b in seen], sm_scale, causal=False)
+    expected = reference(q[seen], cache.context(0, seen), cache.context(1, seen),
+                         [1] * len(seen), [kv_lens[b] for b in seen], head_dim ** -0.5,
+                         causal=False)
     assert_matches(tvm.runtime.tensor(out.numpy()[seen]), tvm.runtime.tensor(lse.numpy()[seen]),
                    *expected, dtype)
+    assert_no_context_gives_zero(out, lse, kv_lens.index(0))
+
+
+PAGED_PREFILLS = {"vector": (paged_prefill_attention, 24),
+                  "amx": (amx_attention.paged_prefill_attention, 64)}
+
+
+@pytest.mark.parametrize("kernel", PAGED_PREFILLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [0, 1])
+def test_paged_prefill_attention_matches_numpy(kernel, dtype, causal):
+    """New tokens against their sequences' cached pages (a prompt's later chunk): contexts
+    ending mid-page, over a chunk of the AMX kernel's keys, and a sequence with no pages."""
+    make, head_dim = PAGED_PREFILLS[kernel]
+    if kernel == "amx" and not (dtype == "bfloat16"
+                                and amx_attention.usable(host_target(), dtype, head_dim)):
+        pytest.skip("the AMX kernel is for bfloat16 on CPUs with AMX tiles and AVX512-BF16")
+    kv_heads, heads = 2, 6
+    kv_lens = [20, amx_attention.CHUNK + 45, 0, 3]
+    q_lens = [7, 40, 2, 3]  # causal: the last q_len keys are the new tokens' own
+    rng = np.random.default_rng(4)
+    cache = PagedCache(kv_lens, kv_heads, head_dim, dtype, rng)
+    n = sum(q_lens)
+    q = rng.standard_normal((n, heads, head_dim)).astype(DTYPES[dtype])
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+
+    device = tvm.cpu()
+    out = tvm.runtime.empty(q.shape, dtype, device)
+    lse = tvm.runtime.empty(q.shape[:2], "float32", device)
+    zeros = np.zeros(len(kv_lens), np.int32)
+    arrays = [q, q_indptr, *cache.arrays(), zeros, np.zeros(n, np.int32)]
+    build(make(kv_heads, heads, head_dim, dtype))["main"](
+        *(tvm.runtime.tensor(a, device) for a in arrays), out, lse, causal, 0, 1.0, 1e6,
+        head_dim ** -0.5)
+
+    seen = [b for b, length in enumerate(kv_lens) if length]
+    rows = np.concatenate([np.arange(q_indptr[b], q_indptr[b + 1]) for b in seen])
+    expected = reference(q[rows], cache.context(0, seen), cache.context(1, seen),
+                         [q_lens[b] for b in seen], [kv_lens[b] for b in seen],
+                         head_dim ** -0.5, causal)
+    assert_matches(tvm.runtime.tensor(out.numpy()[rows]), tvm.runtime.tensor(lse.numpy()[rows]),
+                   *expected, dtype)
     empty = kv_lens.index(0)
-    assert not out.numpy()[empty].astype(np.float32).any()
-    np.testing.assert_array_equal(lse.numpy()[empty], -5e4)
+    assert_no_context_gives_zero(out, lse, slice(q_indptr[empty], q_indptr[empty + 1]))

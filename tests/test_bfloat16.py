@@ -17,9 +17,13 @@ from qwen3c.reference import HFReference
 from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel
 
 
-def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(make_checkpoint, make_artifact):
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-chunk", "chunks-of-16"])
+def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(chunk, make_checkpoint,
+                                                                  make_artifact):
+    """Also in chunks: the later ones attend to the earlier ones' keys in the cache's pages."""
     checkpoint = make_checkpoint("bf16", **WIDER_CONFIG)
-    model = qwen3c.load(make_artifact(checkpoint, dtype="bfloat16"))
+    chunking = {"prefill_chunk_size": chunk} if chunk else {}
+    model = qwen3c.load(make_artifact(checkpoint, dtype="bfloat16", **chunking))
     ids = np.random.default_rng(5).integers(0, model.vocab_size, 64).tolist()
     exact = HFReference(checkpoint, "float32").logits(ids)
     assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
