@@ -88,13 +88,27 @@ def _lay_out(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: i
     return lay_out
 
 
+def _low_half(word):
+    """The float32 value of the bfloat16 in the low half of an int32 word."""
+    return T.reinterpret("float32", T.shift_left(word, 16))
+
+
+def _high_half(word):
+    """The float32 value of the bfloat16 in the high half of an int32 word."""
+    return T.reinterpret("float32", T.bitwise_and(word, T.int32(-65536)))
+
+
 def _softmax():
     """A TVMScript macro ``softmax(scores, probs, state, sees, weights, lanes, base, width,
     scale)``: folds one chunk's scores (``width`` keys from key ``base``, in the 2 x 2 tile
-    blocks' layout) into each row's running max and sum (``state[r]``: max, sum, then the
-    rescale of what came before) and writes its probabilities, bfloat16 pairs, as the A tiles
-    of P; row r sees ``sees[r]`` keys in all, the rest weigh 0. (``T.Select``, not
-    ``if_then_else``: TVM scalarizes a loop with a vector condition in the latter.)"""
+    blocks' layout) into each row's running state and writes its probabilities, bfloat16
+    pairs, as the A tiles of P; row r sees ``sees[r]`` keys in all, the rest weigh 0.
+
+    ``state[r]``: the running max; the sum of the weights (for ``lse``); the sum of the weights
+    as rounded to bfloat16, which the output is divided by, so that the weights that met the
+    values sum to 1 (the unrounded sum measured 1.5x Hugging Face bfloat16's error on a tiny
+    MoE); and the rescale of what came before. (``T.Select``, not ``if_then_else``: TVM
+    scalarizes a loop with a vector condition in the latter.)"""
     @T.macro
     def softmax(scores, probs, state, sees, weights, lanes, base, width, scale):
         for r in T.serial(TOKENS, annotations=quant_tiles.IMPORT):
@@ -102,34 +116,38 @@ def _softmax():
             visible: T.let = T.max(0, T.min(width, sees[r] - base))
             blocks: T.let = (width + BLOCK - 1) // BLOCK
             for lane in T.vectorized(TILE):
-                lanes[lane] = T.float32(LOWEST)
+                lanes[0, lane] = T.float32(LOWEST)
             for kb, j in T.grid(blocks, 2):
                 for lane in T.vectorized(TILE):
-                    lanes[lane] = T.max(lanes[lane], T.Select(
+                    lanes[0, lane] = T.max(lanes[0, lane], T.Select(
                         kb * BLOCK + j * TILE + lane < visible,
                         scores[kb, i, j, r % TILE, lane] * scale, T.float32(LOWEST)))
-            state[r, 2] = state[r, 0]  # the new max, until it has served
+            state[r, 3] = state[r, 0]  # the new max, until it has served
             for lane in range(TILE):
-                state[r, 2] = T.max(state[r, 2], lanes[lane])
-            for lane in T.vectorized(TILE):
-                lanes[lane] = T.float32(0)
+                state[r, 3] = T.max(state[r, 3], lanes[0, lane])
+            for half, lane in T.grid(2, TILE):
+                lanes[half, lane] = T.float32(0)
             for kb in range(blocks):
                 for j in range(2):
                     for lane in T.vectorized(TILE):
                         weights[j, lane] = T.Select(
                             kb * BLOCK + j * TILE + lane < visible,
                             exp2_nonpositive(scores[kb, i, j, r % TILE, lane] * scale
-                                             - state[r, 2]),
+                                             - state[r, 3]),
                             T.float32(0))
-                        lanes[lane] = lanes[lane] + weights[j, lane]
+                        lanes[0, lane] = lanes[0, lane] + weights[j, lane]
                 probs[r, T.ramp(kb * TILE, 1, TILE)] = quant_tiles.pack(
                     weights[0, T.ramp(0, 1, TILE)], weights[1, T.ramp(0, 1, TILE)])
-            rescale: T.let = exp2_nonpositive(state[r, 0] - state[r, 2])
-            state[r, 0] = state[r, 2]
-            state[r, 1] = state[r, 1] * rescale
-            state[r, 2] = rescale
-            for lane in range(TILE):
-                state[r, 1] = state[r, 1] + lanes[lane]
+                for lane in T.vectorized(TILE):
+                    lanes[1, lane] = lanes[1, lane] + _low_half(probs[r, kb * TILE + lane]) + (
+                        _high_half(probs[r, kb * TILE + lane]))
+            rescale: T.let = exp2_nonpositive(state[r, 0] - state[r, 3])
+            state[r, 0] = state[r, 3]
+            state[r, 3] = rescale
+            for half in range(2):
+                state[r, 1 + half] = state[r, 1 + half] * rescale
+                for lane in range(TILE):
+                    state[r, 1 + half] = state[r, 1 + half] + lanes[half, lane]
 
     return softmax
 
@@ -153,7 +171,7 @@ def _values_times_probs(head_dim: int):
                 for lane in T.vectorized(TILE):
                     acc[i * TILE + r, (dp * 2 + j) * TILE + lane] = acc[
                         i * TILE + r, (dp * 2 + j) * TILE + lane] * state[
-                        i * TILE + r, 2] + sums[i, j, r, lane]
+                        i * TILE + r, 3] + sums[i, j, r, lane]
 
     return accumulate
 
@@ -187,10 +205,10 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
                     probs = T.sblock_alloc_buffer((TOKENS, CHUNK // 2), WORD)
                     sums = T.sblock_alloc_buffer((2, 2, TILE, TILE), "float32")
                     acc = T.sblock_alloc_buffer((TOKENS, D), "float32")
-                    state = stack_buffer((TOKENS, 3), "float32")  # max, sum, rescale
+                    state = stack_buffer((TOKENS, 4), "float32")  # see _softmax
                     sees = stack_buffer((TOKENS,), "int32")  # keys each row sees in all
                     weights = stack_buffer((2, TILE), "float32")
-                    lanes = stack_buffer((TILE,), "float32")
+                    lanes = stack_buffer((2, TILE), "float32")
                     found = stack_buffer((1,), "int32")
                     h: T.let = task % H
                     tile: T.let = _tile_of(task // H, first_tile[batch_size])
@@ -210,6 +228,7 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
                             rows[r, word] = q_words[q_begin + t, h, word]
                         state[r, 0] = T.float32(PHANTOM)
                         state[r, 1] = T.float32(1)
+                        state[r, 2] = T.float32(1)
                         sees[r] = T.max(0, T.if_then_else(
                             causal > 0, length[b] - q_count + t + 1, length[b]))
                         for i in T.vectorized(D):
@@ -230,7 +249,7 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
                         if first_token + r < q_count:
                             for i in T.vectorized(D):
                                 output[q_begin + first_token + r, h, i] = T.Cast(
-                                    dtype, acc[r, i] / state[r, 1])
+                                    dtype, acc[r, i] / state[r, 2])
                             lse[q_begin + first_token + r, h] = state[r, 0] + T.log2(state[r, 1])
 
     return attend
