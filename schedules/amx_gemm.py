@@ -39,6 +39,7 @@ WORD = "int32"  # how the kernel moves bfloat16 pairs
 MIN_TOKENS = 2  # one token (decode) streams the weight faster through the vector GEMV
 FEATURES = ("amx-tile", "amx-bf16")
 SYMBOL = "qwen3c_amx_bf16_block"
+TRANSPOSE = "qwen3c_transpose_tiles"
 
 # c[i, j] (float32, 16 x 16 each, written to `out` one after another) = the sums over k of
 # the 16 weight rows from `weight{i}` (A tiles, `row_bytes` apart) times the B tiles of token
@@ -91,7 +92,36 @@ declare x86_amx @llvm.x86.tileloadd64.internal(i16, i16, ptr, i64)
 declare x86_amx @llvm.x86.tdpbf16ps.internal(i16, i16, i16, x86_amx, x86_amx, x86_amx)
 declare void @llvm.x86.tilestored64.internal(i16, i16, ptr, i64, x86_amx)
 """
-IMPORT = {"pragma_import_llvm": _IR}
+
+
+def _transpose_ir() -> str:
+    """An LLVM IR function transposing 4 consecutive 16 x 16 float32 tiles in place. Each of
+    its 4 stages swaps one bit of the row index with the same bit of the column index across
+    the 8 pairs of rows that differ in that bit: 2 two-vector shuffles per pair, 64 in all
+    per tile, where reading a tile's columns costs a scalar load per element."""
+    lines = [f"define linkonce_odr void @{TRANSPOSE}(ptr %tiles) alwaysinline {{", "entry:"]
+    for t in range(4):
+        for i in range(TILE):
+            lines += [f"  %p{t}_{i} = getelementptr i8, ptr %tiles, i64 {(t * TILE + i) * 64}",
+                      f"  %v{t}_0_{i} = load <16 x float>, ptr %p{t}_{i}, align 4"]
+        for stage in range(4):
+            bit = 1 << stage
+            for low in (row for row in range(TILE) if not row & bit):
+                high = low | bit
+                for row, picks in ((low, [j if not j & bit else TILE + (j ^ bit)
+                                          for j in range(TILE)]),
+                                   (high, [j | bit if not j & bit else TILE + j
+                                           for j in range(TILE)])):
+                    mask = ", ".join(f"i32 {pick}" for pick in picks)
+                    lines.append(f"  %v{t}_{stage + 1}_{row} = shufflevector <16 x float> "
+                                 f"%v{t}_{stage}_{low}, <16 x float> %v{t}_{stage}_{high}, "
+                                 f"<16 x i32> <{mask}>")
+        lines += [f"  store <16 x float> %v{t}_4_{i}, ptr %p{t}_{i}, align 4"
+                  for i in range(TILE)]
+    return "\n".join([*lines, "  ret void", "}"])
+
+
+IMPORT = {"pragma_import_llvm": _IR + _transpose_ir()}
 
 
 def has_tiles(target: tvm.target.Target) -> bool:
@@ -110,6 +140,15 @@ def block_sums(weight0, weight1, xv_block, sums, depth: int):
     of 16 rows each) times the tokens of B tile column ``j`` from ``xv_block``, over ``depth``."""
     return T.call_extern("void", SYMBOL, weight0, weight1, T.int64(2 * depth), xv_block,
                          T.int64(2 * depth * TILE), sums, T.int64(depth // STEP))
+
+
+@T.macro
+def token_sums(weight0, weight1, xv_block, sums, depth):
+    """A TVMScript macro: ``block_sums``, then each tile transposed, so that
+    ``sums[i, j, c, r]`` holds token 16 j + c of weight row 16 i + r: stores to [token,
+    feature] outputs read a row of 16 features per vector."""
+    T.evaluate(block_sums(weight0, weight1, xv_block, sums, depth))
+    T.evaluate(T.call_extern("void", TRANSPOSE, sums))
 
 
 def padded(tokens):
@@ -151,14 +190,14 @@ def token_blocks(depth: int, out_dtype: str):
     @T.macro
     def walk(weight0, weight1, xv, sums, y, m, nb):
         for mb in range(padded(m) // BLOCK):
-            T.evaluate(block_sums(weight0, weight1, T.address_of(xv[mb * 2, 0, 0]),
-                                  T.address_of(sums[0, 0, 0, 0]), depth))
+            token_sums(weight0, weight1, T.address_of(xv[mb * 2, 0, 0]),
+                       T.address_of(sums[0, 0, 0, 0]), depth)
             for t in range(BLOCK):
                 if mb * BLOCK + t < m:
                     for i in range(2):
                         for r in T.vectorized(TILE):
                             y[mb * BLOCK + t, nb * BLOCK + i * TILE + r] = T.Cast(
-                                out_dtype, sums[i, t // TILE, r, t % TILE])
+                                out_dtype, sums[i, t // TILE, t % TILE, r])
 
     return walk
 
@@ -232,11 +271,11 @@ def experts(num_experts: int, depth: int, blocks: int, rows_of, token_row, store
                     sums = T.sblock_alloc_buffer((2, 2, TILE, TILE), "float32")
                     for e in range(E):
                         for mb in range(padded(offsets[e + 1] - offsets[e]) // BLOCK):
-                            T.evaluate(block_sums(
+                            token_sums(
                                 T.address_of(weight[e, rows_of(nb)[0], 0]),
                                 T.address_of(weight[e, rows_of(nb)[1], 0]),
                                 T.address_of(xv[(start[e] + mb * BLOCK) // TILE, 0, 0]),
-                                T.address_of(sums[0, 0, 0, 0]), depth))
+                                T.address_of(sums[0, 0, 0, 0]), depth)
                             store(dst, routing, order, sums, offsets[e] + mb * BLOCK,
                                   offsets[e + 1] - offsets[e] - mb * BLOCK, nb)
 

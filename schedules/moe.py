@@ -396,8 +396,8 @@ def swiglu_tiles(intermediate: int, dtype: str):
         for t in range(T.min(valid, amx_gemm.BLOCK)):
             for r in T.vectorized(amx_gemm.TILE):
                 act[first + t, nb * amx_gemm.TILE + r] = T.Cast(dtype, swiglu(
-                    sums[0, t // amx_gemm.TILE, r, t % amx_gemm.TILE],
-                    sums[1, t // amx_gemm.TILE, r, t % amx_gemm.TILE]))
+                    sums[0, t // amx_gemm.TILE, t % amx_gemm.TILE, r],
+                    sums[1, t // amx_gemm.TILE, t % amx_gemm.TILE, r]))
 
     return store
 
@@ -415,7 +415,7 @@ def scatter_tiles(top_k: int):
                     out[order[first + t] // K, nb * amx_gemm.BLOCK + i * TILE + r] = (
                         out[order[first + t] // K, nb * amx_gemm.BLOCK + i * TILE + r]
                         + routing[order[first + t] // K, order[first + t] % K]
-                        * sums[i, t // TILE, r, t % TILE])
+                        * sums[i, t // TILE, t % TILE, r])
 
     return store
 
