@@ -255,109 +255,67 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
     return attend
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                             dtype: str) -> tirx.PrimFunc:
-    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
-    H, D, W = num_heads, head_dim, head_dim // 2
-    sources = attention.ragged_sources(num_kv_heads, BLOCK)
-    lay_out = _lay_out(num_kv_heads, head_dim, 1, 0)
+def _laid_out_prefill(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                      head_stride: int, value_offset: int, sources):
+    """A TVMScript macro ``run(key_words, value_bits, tables, keys, q, q_indptr, output, lse,
+    causal, sm_scale)``: ``sources`` (``attention.ragged_sources`` / ``paged_sources``,
+    reading ``tables``) numbers the key slots of at most ``keys`` keys, ``_lay_out`` lays them
+    out, ``_tasks`` runs the rows."""
+    D, W = head_dim, head_dim // 2
+    lay_out = _lay_out(num_kv_heads, head_dim, head_stride, value_offset)
     attend = _tasks(num_kv_heads, num_heads, head_dim, dtype)
 
-    @T.prim_func(private=True, s_tir=True)
-    def prefill(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                var_kv_indptr: T.handle, var_q_rope_position: T.handle,
-                var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
-        q_indptr_offset, kv_indptr_offset = T.int32(), T.int32()
-        q_rope_offset, k_rope_offset = T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
-                                  elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
-        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32",
-                                   elem_offset=kv_indptr_offset)
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
-                       elem_offset=k_rope_offset)
-        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
-        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
-
+    @T.macro
+    def run(key_words, value_bits, tables, keys, q, q_indptr, output, lse, causal, sm_scale):
         with T.sblock("prefill"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()
-            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            length = T.sblock_alloc_buffer((batch_size,), "int32")
-            source = T.sblock_alloc_buffer((_slots(kv_len, batch_size),), "int32")
-            keys = T.sblock_alloc_buffer(
-                (num_kv_heads * _slots(kv_len, batch_size) // TILE, W, TILE), WORD)
-            values = T.sblock_alloc_buffer(
-                (num_kv_heads, D // TILE, _slots(kv_len, batch_size) // 2, TILE), WORD)
-            sources(kv_indptr, start, length, source, batch_size)
-            lay_out(T.decl_buffer((kv_len * num_kv_heads, W), WORD, data=k.data),
-                    T.decl_buffer((kv_len * num_kv_heads, D), "uint16", data=v.data), source,
-                    start[batch_size], keys, values, _slots(kv_len, batch_size))
-            attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale,
-                   _slots(kv_len, batch_size))
+            start = T.sblock_alloc_buffer((q_indptr.shape[0],), "int32")
+            length = T.sblock_alloc_buffer((q_indptr.shape[0] - 1,), "int32")
+            source = T.sblock_alloc_buffer((_slots(keys, q_indptr.shape[0] - 1),), "int32")
+            key_tiles = T.sblock_alloc_buffer(
+                (num_kv_heads * _slots(keys, q_indptr.shape[0] - 1) // TILE, W, TILE), WORD)
+            value_tiles = T.sblock_alloc_buffer(
+                (num_kv_heads, D // TILE, _slots(keys, q_indptr.shape[0] - 1) // 2, TILE), WORD)
+            sources(tables, start, length, source, q_indptr.shape[0] - 1)
+            lay_out(key_words, value_bits, source, start[q_indptr.shape[0] - 1], key_tiles,
+                    value_tiles, _slots(keys, q_indptr.shape[0] - 1))
+            attend(q, q_indptr, start, length, key_tiles, value_tiles, output, lse, causal,
+                   sm_scale, _slots(keys, q_indptr.shape[0] - 1))
 
-    return prefill
+    return run
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+    D, W = head_dim, head_dim // 2
+    run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, 1, 0,
+                            attention.ragged_sources(num_kv_heads, BLOCK))
+
+    @T.macro
+    def body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale):
+        run(T.decl_buffer((k.shape[0] * num_kv_heads, W), WORD, data=k.data),
+            T.decl_buffer((k.shape[0] * num_kv_heads, D), "uint16", data=v.data), (kv_indptr,),
+            k.shape[0], q, q_indptr, output, lse, causal, sm_scale)
+
+    return attention.ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, body)
 
 
 def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
                             page_size: int = 16) -> tirx.PrimFunc:
     """``attention.paged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
-    H, D, W, P = num_heads, head_dim, head_dim // 2, page_size
-    sources = attention.paged_sources(num_kv_heads, P, BLOCK)
-    lay_out = _lay_out(num_kv_heads, head_dim, P, num_kv_heads * P)
-    attend = _tasks(num_kv_heads, num_heads, head_dim, dtype)
+    D, W, P = head_dim, head_dim // 2, page_size
+    run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, P, num_kv_heads * P,
+                            attention.paged_sources(num_kv_heads, P, BLOCK))
 
-    @T.prim_func(private=True, s_tir=True)
-    def prefill(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
-                var_page_indptr: T.handle, var_page_values: T.handle,
-                var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
-                var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
-                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
-        q_indptr_offset, page_indptr_offset, values_offset = T.int32(), T.int32(), T.int32()
-        length_offset, k_rope_offset, q_rope_offset = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32",
-                                  elem_offset=q_indptr_offset)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, P, D), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
-                                     elem_offset=page_indptr_offset)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32",
-                                     elem_offset=values_offset)
-        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32",
-                                       elem_offset=length_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(var_output, (total_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (total_len, H), "float32")
-        assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+    @T.macro
+    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
+             sm_scale):
+        run(T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, W), WORD, data=pages.data),
+            T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, D), "uint16",
+                          data=pages.data),
+            (page_indptr, page_values, last_page_len), page_values.shape[0] * P, q, q_indptr,
+            output, lse, causal, sm_scale)
 
-        with T.sblock("prefill"):
-            T.reads()  # runs once; nothing schedules this block
-            T.writes()
-            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            length = T.sblock_alloc_buffer((batch_size,), "int32")
-            source = T.sblock_alloc_buffer((_slots(nnz_pages * P, batch_size),), "int32")
-            keys = T.sblock_alloc_buffer(
-                (num_kv_heads * _slots(nnz_pages * P, batch_size) // TILE, W, TILE), WORD)
-            values = T.sblock_alloc_buffer(
-                (num_kv_heads, D // TILE, _slots(nnz_pages * P, batch_size) // 2, TILE), WORD)
-            sources(page_indptr, page_values, last_page_len, start, length, source, batch_size)
-            rows: T.let = max_num_pages * 2 * num_kv_heads * P
-            lay_out(T.decl_buffer((rows, W), WORD, data=pages.data),
-                    T.decl_buffer((rows, D), "uint16", data=pages.data), source,
-                    start[batch_size], keys, values, _slots(nnz_pages * P, batch_size))
-            attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale,
-                   _slots(nnz_pages * P, batch_size))
-
-    return prefill
+    return attention.paged_kernel(num_kv_heads, num_heads, head_dim, dtype, page_size, body)

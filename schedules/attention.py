@@ -125,12 +125,13 @@ PHANTOM = -5.0e4  # TVM's kernels start each row at a key of this score, weight 
 
 
 def ragged_sources(num_kv_heads: int, align: int):
-    """A TVMScript macro ``sources(kv_indptr, start, length, source, batch_size)`` for keys
+    """A TVMScript macro ``sources((kv_indptr,), start, length, source, batch_size)`` for keys
     given as new tokens ``k``/``v[m, H_kv, D]``: sequence b's ``length[b]`` keys get slots from
     ``start[b]`` on (rounded up to ``align`` slots, the padding re-reading the last key), and
     ``source[slot]`` is the row of k / v (viewed as [m * H_kv, D]) of KV head 0."""
     @T.macro
-    def sources(kv_indptr, start, length, source, batch_size):
+    def sources(tables, start, length, source, batch_size):
+        kv_indptr = tables[0]
         start[0] = 0
         for b in range(batch_size):
             length[b] = kv_indptr[b + 1] - kv_indptr[b]
@@ -144,12 +145,14 @@ def ragged_sources(num_kv_heads: int, align: int):
 
 def paged_sources(num_kv_heads: int, page_size: int, align: int):
     """``ragged_sources`` for keys in the cache's pages (``pages[page, 0 = key | 1 = value,
-    KV head, slot, D]``, viewed as rows of D): ``source[slot]`` is the row of the key for KV
-    head 0 (its value is ``num_kv_heads * page_size`` rows on, the next head ``page_size``)."""
+    KV head, slot, D]``, viewed as rows of D), ``tables`` = (page_indptr, page_values,
+    last_page_len): ``source[slot]`` is the row of the key for KV head 0 (its value is
+    ``num_kv_heads * page_size`` rows on, the next head ``page_size``)."""
     P = page_size
 
     @T.macro
-    def sources(page_indptr, page_values, last_page_len, start, length, source, batch_size):
+    def sources(tables, start, length, source, batch_size):
+        page_indptr, page_values, last_page_len = tables
         start[0] = 0
         for b in range(batch_size):
             pages: T.let = page_indptr[b + 1] - page_indptr[b]
@@ -245,13 +248,12 @@ def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str)
     return attend
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                             dtype: str) -> tirx.PrimFunc:
-    """Each new token attends to the new tokens of its sequence (up to itself when causal):
-    ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs."""
-    H, D, KB = num_heads, head_dim, KEY_BLOCK
-    sources, gather = ragged_sources(num_kv_heads, 1), _gather(num_kv_heads, D, 1, 0)
-    attend = _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype)
+def ragged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                  body) -> tirx.PrimFunc:
+    """TVM's ragged prefill signature (``_attention_prefill_ragged_cpu``: the new tokens
+    ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs) around
+    the macro ``body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale)``."""
+    H, D = num_heads, head_dim
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -276,35 +278,17 @@ def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
         output = T.match_buffer(var_output, (qo_len, H, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H), "float32")
         assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
-
-        with T.sblock("prefill"):
-            T.reads()  # runs once; nothing schedules this block
-            T.writes()
-            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            length = T.sblock_alloc_buffer((batch_size,), "int32")
-            source = T.sblock_alloc_buffer((kv_len,), "int32")
-            keys_t = T.sblock_alloc_buffer((num_kv_heads, D, kv_len + KB), "float32")
-            values = T.sblock_alloc_buffer((num_kv_heads, kv_len + KB, D), "float32")
-            sources(kv_indptr, start, length, source, batch_size)
-            gather(T.decl_buffer((kv_len * num_kv_heads, D), dtype, data=k.data),
-                   T.decl_buffer((kv_len * num_kv_heads, D), dtype, data=v.data), source,
-                   start[batch_size], keys_t, values)
-            attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
-                   batch_size)
+        body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale)
 
     return attention
 
 
-def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
-                            page_size: int = 16) -> tirx.PrimFunc:
-    """New tokens attend to what their sequences hold in the cache's pages (a prompt's earlier
-    chunks, a shared prefix): TVM's ``_attention_prefill_cpu`` contract, whose own kernel walks
-    every slot of the cache for every query row. The keys are gathered once per call, then the
-    tasks are the ragged kernel's; a sequence with no pages gets output 0 and lse -5e4."""
-    H, D, KB, P = num_heads, head_dim, KEY_BLOCK, page_size
-    sources = paged_sources(num_kv_heads, P, 1)
-    gather = _gather(num_kv_heads, D, P, num_kv_heads * P)
-    attend = _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype)
+def paged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                 page_size: int, body) -> tirx.PrimFunc:
+    """TVM's paged prefill signature (``_attention_prefill_cpu``: new tokens against what
+    their sequences hold in the cache's pages) around the macro ``body(q, q_indptr, pages,
+    page_indptr, page_values, last_page_len, output, lse, causal, sm_scale)``."""
+    H, D, P = num_heads, head_dim, page_size
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -332,23 +316,74 @@ def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dt
         output = T.match_buffer(var_output, (total_len, H, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H), "float32")
         assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
+        body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
+             sm_scale)
 
+    return attention
+
+
+def _gathered_prefill(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: int,
+                      sources, attend):
+    """A TVMScript macro ``run(key_rows, value_rows, tables, keys, q, q_indptr, output, lse,
+    causal, sm_scale)``: ``sources`` (``ragged_sources`` / ``paged_sources``, reading
+    ``tables``) numbers the key slots (at most ``keys``), ``_gather`` converts them,
+    ``attend`` (``_prefill_tasks``) runs the rows."""
+    D, KB = head_dim, KEY_BLOCK
+    gather = _gather(num_kv_heads, head_dim, head_stride, value_offset)
+
+    @T.macro
+    def run(key_rows, value_rows, tables, keys, q, q_indptr, output, lse, causal, sm_scale):
         with T.sblock("prefill"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()
-            start = T.sblock_alloc_buffer((batch_size + 1,), "int32")
-            length = T.sblock_alloc_buffer((batch_size,), "int32")
-            source = T.sblock_alloc_buffer((nnz_pages * P,), "int32")
-            keys_t = T.sblock_alloc_buffer((num_kv_heads, D, nnz_pages * P + KB), "float32")
-            values = T.sblock_alloc_buffer((num_kv_heads, nnz_pages * P + KB, D), "float32")
-            sources(page_indptr, page_values, last_page_len, start, length, source, batch_size)
-            rows = T.decl_buffer((max_num_pages * 2 * num_kv_heads * P, D), dtype,
-                                 data=pages.data)
-            gather(rows, rows, source, start[batch_size], keys_t, values)
+            start = T.sblock_alloc_buffer((q_indptr.shape[0],), "int32")
+            length = T.sblock_alloc_buffer((q_indptr.shape[0] - 1,), "int32")
+            source = T.sblock_alloc_buffer((keys,), "int32")
+            keys_t = T.sblock_alloc_buffer((num_kv_heads, D, keys + KB), "float32")
+            values = T.sblock_alloc_buffer((num_kv_heads, keys + KB, D), "float32")
+            sources(tables, start, length, source, q_indptr.shape[0] - 1)
+            gather(key_rows, value_rows, source, start[q_indptr.shape[0] - 1], keys_t, values)
             attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
-                   batch_size)
+                   q_indptr.shape[0] - 1)
 
-    return attention
+    return run
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                             dtype: str) -> tirx.PrimFunc:
+    """Each new token attends to the new tokens of its sequence (up to itself when causal)."""
+    D = head_dim
+    run = _gathered_prefill(num_kv_heads, D, 1, 0, ragged_sources(num_kv_heads, 1),
+                            _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype))
+
+    @T.macro
+    def body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale):
+        run(T.decl_buffer((k.shape[0] * num_kv_heads, D), dtype, data=k.data),
+            T.decl_buffer((k.shape[0] * num_kv_heads, D), dtype, data=v.data), (kv_indptr,),
+            k.shape[0], q, q_indptr, output, lse, causal, sm_scale)
+
+    return ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, body)
+
+
+def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
+                            page_size: int = 16) -> tirx.PrimFunc:
+    """New tokens attend to what their sequences hold in the cache's pages (a prompt's earlier
+    chunks, a shared prefix): TVM's kernel for this walks every slot of the cache for every
+    query row. The keys are gathered once per call, then the tasks are the ragged kernel's; a
+    sequence with no pages gets output 0 and lse -5e4."""
+    D, P = head_dim, page_size
+    run = _gathered_prefill(num_kv_heads, D, P, num_kv_heads * P,
+                            paged_sources(num_kv_heads, P, 1),
+                            _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype))
+
+    @T.macro
+    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
+             sm_scale):
+        rows = T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, D), dtype, data=pages.data)
+        run(rows, rows, (page_indptr, page_values, last_page_len), page_values.shape[0] * P, q,
+            q_indptr, output, lse, causal, sm_scale)
+
+    return paged_kernel(num_kv_heads, num_heads, head_dim, dtype, page_size, body)
 
 
 def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
