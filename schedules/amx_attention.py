@@ -1,14 +1,16 @@
-"""bfloat16 prefill attention on AMX tiles: the cache's ragged kernel (``attention.py``'s
-contract) with both products, QKᵀ and PV, as ``tdpbf16ps`` tile products.
+"""bfloat16 prefill attention on AMX tiles: the cache's two prefill kernels (new tokens
+against themselves, and against the cached pages; ``attention.py``'s contracts) with both
+products, QKᵀ and PV, as ``tdpbf16ps`` tile products.
 
-The vector kernel of ``attention.py`` spends its time in float32 FMAs, so its cost grows with
-the square of the prompt at a low rate: 20.7 ms a layer at 512 tokens for the 0.6B shape (Intel
-Xeon, 2 threads). Here a parallel task takes TOKENS consecutive tokens of one query head and
-walks the keys they may see CHUNK at a time:
+The vector kernels of ``attention.py`` spend their time in float32 FMAs, so their cost grows
+with the square of the prompt at a low rate: 20.7 ms a layer at 512 tokens for the 0.6B shape
+(Intel Xeon, 2 threads), 1.9 ms here. A parallel task takes TOKENS consecutive tokens of one
+query head and walks the keys they may see CHUNK at a time:
 
     S = Q Kᵀ            (amx_gemm's 2 x 2 tile blocks: Q's rows are the A tiles, 32 keys the Bs)
     m' = max(m, rowmax S · c),  P = 2^(S · c - m'),  l = l · 2^(m - m') + Σ P
     O = O · 2^(m - m') + P V   (P rounded to bfloat16 is the A tile, 32 values the Bs)
+    output = O / l             (l summed as P was rounded, see ``_softmax``)
 
 with c = sm_scale · log2 e, so ``lse`` = m + log2 l is in log2 units as TVM's kernels (the
 cache merges partial results). P is rounded to bfloat16 before it meets V, as Hugging Face's
