@@ -1,4 +1,5 @@
-"""CPU attention for the paged KV cache: prefill over new tokens (its "ragged" kernel), decode.
+"""CPU attention for the paged KV cache: prefill over new tokens (its "ragged" kernel),
+prefill over cached pages (a prompt's later chunks, a reused prefix), decode.
 
 For query row q of head h (KV head g = h // group), over the keys it may see,
 
@@ -19,10 +20,13 @@ in blocks of KEY_BLOCK with an online softmax (flash attention's running max and
   chunks of the head dimension.
 
 ``lse`` is in log2 units, as TVM's, so the cache can merge partial results (a later prefill
-chunk attends to cached pages with TVM's paged kernel and to its new tokens with this one).
-The kernel keeps TVM's signature (``_attention_prefill_ragged_cpu``) so the cache calls it
-unchanged. RoPE must have been applied before it (the cache's "normal" RoPE mode): it refuses
-``rotary_mode`` 1 at run time.
+chunk attends to cached pages with ``paged_prefill_attention`` and to its new tokens with the
+ragged kernel). Both gather their keys through a ``source`` table (``ragged_sources``,
+``paged_sources``; the AMX kernels of ``amx_attention.py`` use the same tables) and keep TVM's
+signatures (``ragged_kernel``, ``paged_kernel``), so the cache calls them unchanged. TVM's own
+paged kernel walks every slot of the cache for every query row: a 2048-token prompt in
+512-token chunks took 32 s with it. RoPE must have been applied before (the cache's "normal"
+RoPE mode): the kernels refuse ``rotary_mode`` 1 at run time.
 
 Decode (``paged_decode_attention``) uses the same online softmax: a task per KV head of a
 sequence scores each key straight from the cache's pages (a dot product per query row) and
