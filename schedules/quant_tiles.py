@@ -36,9 +36,9 @@ from qwen3c.schedules.quant import (
 )
 from qwen3c.schedules.scratch import stack_buffer
 
-MIN_TOKENS = 16  # about where the tiles overtake the integer kernel. q8, 2 threads, Intel Xeon,
-#                 three runs (this host's speed drifts 20 %): 4096 x 1024 at 12 tokens 0.83x,
-#                 16: 0.89-1.19x, 24: 1.52-1.58x; 1024 x 3072 at 16: 0.86-1.05x, 24: 1.28-1.33x
+MIN_TOKENS = 16  # about where the tiles overtake the integer kernel. q8, Intel Xeon, 4096 x 1024:
+#                 2 threads at 12 tokens 1.01x, 16: 1.15x, 24: 1.47x; one thread (three runs,
+#                 this host drifts 20 %) at 12 tokens 0.83x, 16: 0.89-1.19x, 24: 1.52-1.58x
 BITS = (8, 4)  # the layouts rebuilt here; int6 (heads of 4-bit builds) keeps the integers
 LANES = 16  # float32 per vector
 PACK = "qwen3c_pack_bf16"
