@@ -288,36 +288,25 @@ def _laid_out_prefill(num_kv_heads: int, num_heads: int, head_dim: int, dtype: s
     return run
 
 
+def _rows(head_dim: int) -> tuple[attention.Rows, attention.Rows]:
+    """How ``_lay_out`` reads the cache: keys as bfloat16 pairs in words, values as bits."""
+    return (WORD, head_dim // 2), ("uint16", head_dim)
+
+
 def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                              dtype: str) -> tirx.PrimFunc:
     """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
-    D, W = head_dim, head_dim // 2
     run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, 1, 0,
                             attention.ragged_sources(num_kv_heads, BLOCK))
-
-    @T.macro
-    def body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale):
-        run(T.decl_buffer((k.shape[0] * num_kv_heads, W), WORD, data=k.data),
-            T.decl_buffer((k.shape[0] * num_kv_heads, D), "uint16", data=v.data), (kv_indptr,),
-            k.shape[0], q, q_indptr, output, lse, causal, sm_scale)
-
-    return attention.ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, body)
+    return attention.ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, run,
+                                   *_rows(head_dim))
 
 
 def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
                             page_size: int = 16) -> tirx.PrimFunc:
     """``attention.paged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
-    D, W, P = head_dim, head_dim // 2, page_size
+    P = page_size
     run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, P, num_kv_heads * P,
                             attention.paged_sources(num_kv_heads, P, BLOCK))
-
-    @T.macro
-    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
-             sm_scale):
-        run(T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, W), WORD, data=pages.data),
-            T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, D), "uint16",
-                          data=pages.data),
-            (page_indptr, page_values, last_page_len), page_values.shape[0] * P, q, q_indptr,
-            output, lse, causal, sm_scale)
-
-    return attention.paged_kernel(num_kv_heads, num_heads, head_dim, dtype, page_size, body)
+    return attention.paged_kernel(num_kv_heads, num_heads, head_dim, dtype, P, run,
+                                  *_rows(head_dim))

@@ -128,6 +128,12 @@ def _store_row(head_dim: int, dtype: str):
 PHANTOM = -5.0e4  # TVM's kernels start each row at a key of this score, weight 1, value 0
 
 
+def context_length(page_indptr, last_page_len, b, page_size: int):
+    """How many keys sequence b holds in the cache's pages (0 without pages)."""
+    pages = page_indptr[b + 1] - page_indptr[b]
+    return T.if_then_else(pages > 0, (pages - 1) * page_size + last_page_len[b], 0)
+
+
 def ragged_sources(num_kv_heads: int, align: int):
     """A TVMScript macro ``sources((kv_indptr,), start, length, source, batch_size)`` for keys
     given as new tokens ``k``/``v[m, H_kv, D]``: sequence b's ``length[b]`` keys get slots from
@@ -159,8 +165,7 @@ def paged_sources(num_kv_heads: int, page_size: int, align: int):
         page_indptr, page_values, last_page_len = tables
         start[0] = 0
         for b in range(batch_size):
-            pages: T.let = page_indptr[b + 1] - page_indptr[b]
-            length[b] = T.if_then_else(pages > 0, (pages - 1) * P + last_page_len[b], 0)
+            length[b] = context_length(page_indptr, last_page_len, b, P)
             start[b + 1] = start[b] + (length[b] + align - 1) // align * align
         for b in range(batch_size):
             for j in range(start[b + 1] - start[b]):
@@ -252,12 +257,18 @@ def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str)
     return attend
 
 
-def ragged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
-                  body) -> tirx.PrimFunc:
+Rows = tuple[str, int]  # how a prefill reads keys or values: rows of (dtype, width) elements
+
+
+def ragged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str, run,
+                  key_rows: Rows, value_rows: Rows) -> tirx.PrimFunc:
     """TVM's ragged prefill signature (``_attention_prefill_ragged_cpu``: the new tokens
     ``q[n, H, D]`` against ``k``/``v[m, H_kv, D]``, sequences delimited by the indptrs) around
-    the macro ``body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale)``."""
+    the macro ``run(keys, values, tables, count, q, q_indptr, output, lse, causal,
+    sm_scale)``: k and v as [m · H_kv] rows of ``key_rows`` / ``value_rows``, ``tables`` =
+    (kv_indptr,) for ``ragged_sources``, at most ``count`` keys."""
     H, D = num_heads, head_dim
+    (KEY_DTYPE, KEY_WIDTH), (VALUE_DTYPE, VALUE_WIDTH) = key_rows, value_rows
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -282,17 +293,21 @@ def ragged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
         output = T.match_buffer(var_output, (qo_len, H, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H), "float32")
         assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
-        body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale)
+        run(T.decl_buffer((kv_len * num_kv_heads, KEY_WIDTH), KEY_DTYPE, data=k.data),
+            T.decl_buffer((kv_len * num_kv_heads, VALUE_WIDTH), VALUE_DTYPE, data=v.data),
+            (kv_indptr,), kv_len, q, q_indptr, output, lse, causal, sm_scale)
 
     return attention
 
 
 def paged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
-                 page_size: int, body) -> tirx.PrimFunc:
+                 page_size: int, run, key_rows: Rows, value_rows: Rows) -> tirx.PrimFunc:
     """TVM's paged prefill signature (``_attention_prefill_cpu``: new tokens against what
-    their sequences hold in the cache's pages) around the macro ``body(q, q_indptr, pages,
-    page_indptr, page_values, last_page_len, output, lse, causal, sm_scale)``."""
+    their sequences hold in the cache's pages) around ``run`` as in ``ragged_kernel``: the
+    pages as rows, ``tables`` = (page_indptr, page_values, last_page_len) for
+    ``paged_sources``."""
     H, D, P = num_heads, head_dim, page_size
+    (KEY_DTYPE, KEY_WIDTH), (VALUE_DTYPE, VALUE_WIDTH) = key_rows, value_rows
 
     @T.prim_func(private=True, s_tir=True)
     def attention(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -320,8 +335,11 @@ def paged_kernel(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
         output = T.match_buffer(var_output, (total_len, H, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H), "float32")
         assert rotary_mode == 0, "qwen3c's prefill attention expects RoPE applied before it"
-        body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
-             sm_scale)
+        rows: T.let = max_num_pages * 2 * num_kv_heads * P
+        run(T.decl_buffer((rows, KEY_WIDTH), KEY_DTYPE, data=pages.data),
+            T.decl_buffer((rows, VALUE_WIDTH), VALUE_DTYPE, data=pages.data),
+            (page_indptr, page_values, last_page_len), nnz_pages * P, q, q_indptr, output, lse,
+            causal, sm_scale)
 
     return attention
 
@@ -356,17 +374,10 @@ def _gathered_prefill(num_kv_heads: int, head_dim: int, head_stride: int, value_
 def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                              dtype: str) -> tirx.PrimFunc:
     """Each new token attends to the new tokens of its sequence (up to itself when causal)."""
-    D = head_dim
-    run = _gathered_prefill(num_kv_heads, D, 1, 0, ragged_sources(num_kv_heads, 1),
+    run = _gathered_prefill(num_kv_heads, head_dim, 1, 0, ragged_sources(num_kv_heads, 1),
                             _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype))
-
-    @T.macro
-    def body(q, q_indptr, k, v, kv_indptr, output, lse, causal, sm_scale):
-        run(T.decl_buffer((k.shape[0] * num_kv_heads, D), dtype, data=k.data),
-            T.decl_buffer((k.shape[0] * num_kv_heads, D), dtype, data=v.data), (kv_indptr,),
-            k.shape[0], q, q_indptr, output, lse, causal, sm_scale)
-
-    return ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, body)
+    return ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, run, (dtype, head_dim),
+                         (dtype, head_dim))
 
 
 def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
@@ -375,19 +386,12 @@ def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dt
     chunks, a shared prefix): TVM's kernel for this walks every slot of the cache for every
     query row. The keys are gathered once per call, then the tasks are the ragged kernel's; a
     sequence with no pages gets output 0 and lse -5e4."""
-    D, P = head_dim, page_size
-    run = _gathered_prefill(num_kv_heads, D, P, num_kv_heads * P,
+    P = page_size
+    run = _gathered_prefill(num_kv_heads, head_dim, P, num_kv_heads * P,
                             paged_sources(num_kv_heads, P, 1),
                             _prefill_tasks(num_kv_heads, num_heads, head_dim, dtype))
-
-    @T.macro
-    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, output, lse, causal,
-             sm_scale):
-        rows = T.decl_buffer((pages.shape[0] * 2 * num_kv_heads * P, D), dtype, data=pages.data)
-        run(rows, rows, (page_indptr, page_values, last_page_len), page_values.shape[0] * P, q,
-            q_indptr, output, lse, causal, sm_scale)
-
-    return paged_kernel(num_kv_heads, num_heads, head_dim, dtype, page_size, body)
+    return paged_kernel(num_kv_heads, num_heads, head_dim, dtype, P, run, (dtype, head_dim),
+                        (dtype, head_dim))
 
 
 def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
@@ -443,9 +447,7 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                 b: T.let = task // num_kv_heads
                 g: T.let = task % num_kv_heads
                 first_page: T.let = page_indptr[b]
-                page_count: T.let = page_indptr[b + 1] - first_page
-                length: T.let = T.if_then_else(page_count > 0,
-                                                (page_count - 1) * P + last_page_len[b], 0)
+                length: T.let = context_length(page_indptr, last_page_len, b, P)
                 for r in range(G):
                     # a phantom key of score -5e4 and value 0 (as TVM's kernel): a sequence
                     # with no pages at this level of a shared prefix gets output 0 and an lse
