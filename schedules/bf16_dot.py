@@ -45,11 +45,11 @@ IMPORT = {"pragma_import_llvm": _IR}  # annotate one loop of each kernel that ca
 
 
 # CPUs whose kernels on ``vdpbf16ps`` measured faster than the float32 ones: Zen 5 (panels
-# 1.5-1.6x at 32 and 128 tokens, decode 1.06x; BENCHMARKS.md, 2026-11-23). On a Zen 4, whose
-# 512-bit instructions run as two halves, a microkernel on it was no faster
-# (docs/tvm-0.27-notes.md); on an Intel Xeon with AVX512-BF16 (2026-12-05) every projection
-# was slower on them: prefill-128 GEMMs 1.2-1.3x the time, decode GEMVs 1.07-1.12x.
-PAYS_ON = ("znver5",)
+# 1.5-1.6x at 32 and 128 tokens, decode 1.06x; BENCHMARKS.md, 2026-11-23) and Zen 4 (panels
+# 2.2-4.6x at 32 and 128 tokens, decode from memory equal; 2026-12-06). On an Intel Xeon with
+# AVX512-BF16 (2026-12-05) every projection was slower on them: prefill-128 GEMMs 1.2-1.3x
+# the time, decode GEMVs 1.07-1.12x.
+PAYS_ON = ("znver5", "znver4")
 
 
 def available(target: tvm.target.Target, dtype: str, *depths: int) -> bool:
