@@ -70,6 +70,7 @@ ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows
 #                   tokens 1.15x faster than 8)
 MAX_LANES = 16  # groups per block, at most: one int32 lane of the dot products each
 DOT = 4  # products per lane of one dot product
+TILE_ROWS = 4  # weight rows sharing each activation vector in a tile, with VNNI (row_tile)
 TILE_TOKENS = 3  # tokens sharing each weight vector. 6144x1024 at 128 tokens, 2 threads, Zen 5,
 #                 q4 / q8: 2 tokens 3.58 / 3.46 ms, 3 tokens 2.82 / 2.98, 4 tokens 2.93 / 3.20
 #                 (at 32 tokens 4 is 3 % ahead of 3). Before the accumulator shrank to one row
@@ -261,6 +262,16 @@ def integer_dots(target: tvm.target.Target) -> IntegerDots:
     return IntegerDots.MADDUBS if has("avx2") else IntegerDots.PLAIN
 
 
+def row_tile(dots: IntegerDots) -> int:
+    """Weight rows per tile of tokens: TILE_ROWS with VNNI, whose 32 vector registers hold
+    the 4 x 3 tile's integer sums and float32 sums (per step 4 weight and 3 activation loads
+    for 12 dot products, where one row took 1 and 3 for 3). Zen 4, 2 threads, 128 tokens,
+    q8 / q4: 6144x1024 4.83 -> 2.80 / 4.33 -> 3.27 ms, 1024x3072 1.84 -> 1.41 / 1.89 -> 1.53;
+    32 tokens 1.2-1.6x. AVX2 has 16 registers: rows of 2 or 4 there made the same GEMMs
+    1.1-2.2x slower (znver3 code on the Zen 4), so it keeps one."""
+    return TILE_ROWS if dots is IntegerDots.VNNI else 1
+
+
 def keeps_magnitudes(scheme: QuantScheme, k: int, dots: IntegerDots) -> bool:
     """Whether the activations keep |x| after x: the AVX2 int8 path multiplies |x| by
     q · sign x (``row_dots``), and |x| is the same for every weight row, so a tile of tokens
@@ -317,17 +328,17 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
 
 
 def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerDots, row_of,
-             experts: bool, activation_row, ahead: int):
+             experts: bool, activation_row, ahead: int, tile_rows: int = 1):
     """A TVMScript macro: ``dots[i, j]`` (float32) = weight row ``row_of(base, j)`` (of expert
     ``e`` when ``experts``: weights [E, N, .]) · quantized activation row
     ``activation_row(order, first + min(t0 + i, last))``, for ``j < rows`` and ``i < tokens``.
 
-    It walks the rows' blocks: per row and block, one int32 vector of LANES group sums for
-    each token (STEPS dot products, two per weight vector for 4 and 6 bits: low and high
-    nibbles, and for 6 bits the top two bits of four steps from one more vector; each weight
-    vector is loaded once for all the tokens), folded into a float32 accumulator
-    vector per row and token with the weight and activation scales; the offset is removed once
-    per group.
+    It walks the blocks of ``tile_rows`` rows at a time: per row, block and token, one int32
+    vector of LANES group sums (STEPS dot products, two per weight vector for 4 and 6 bits:
+    low and high nibbles, and for 6 bits the top two bits of four steps from one more vector;
+    each weight vector is loaded once for all the tokens, each activation vector once for the
+    tile's rows), folded into a float32 accumulator vector per row and token with the weight
+    and activation scales; the offset is removed once per group.
 
     With ``ahead`` > 0 it also prefetches, block by block, the same block of row
     ``row_of(base + ahead, j)``: the row the next task reads. Decode is memory-bound, and the
@@ -436,33 +447,41 @@ def row_dots(scheme: QuantScheme, k: int, rows: int, tokens: int, dots: IntegerD
     def token(order, first, t0, i, last):
         return activation_row(order, first + T.min(t0 + i, last))
 
+    R = tile_rows
+
     @T.macro
     def dot(q, scale, xa, x_scale, x_offset, order, e, base, first, t0, last, acc, sums, dots):
-        for j in range(rows):
-            for i in T.unroll(tokens):
+        # acc and sums: one vector per (token i, row r of the R in a row tile), at i * R + r
+        for jb in range(rows // R):
+            for i, r in T.grid(tokens, R):
                 for lane in T.vectorized(LANES):
-                    acc[i, lane] = T.float32(0)
+                    acc[i * R + r, lane] = T.float32(0)
             for block in range(BLOCKS):
-                for i in T.unroll(tokens):
+                for i, r in T.grid(tokens, R):
                     for lane in T.vectorized(LANES):
-                        sums[i, lane] = 0
+                        sums[i * R + r, lane] = 0
                 if ahead > 0:
-                    prefetch(q, e, base, j, block)
+                    for r in T.unroll(R):
+                        prefetch(q, e, base, jb * R + r, block)
                 for step in T.unroll(STEPS):
-                    for i in T.unroll(tokens):
-                        add_dot_products(sums, i, q, xa, e, row_of(base, j),
-                                         token(order, first, t0, i, last), block, step)
+                    for r in T.unroll(R):
+                        for i in T.unroll(tokens):
+                            add_dot_products(sums, i * R + r, q, xa, e, row_of(base, jb * R + r),
+                                             token(order, first, t0, i, last), block, step)
                 for i in T.unroll(tokens):
-                    for lane in T.vectorized(LANES):
-                        acc[i, lane] = acc[i, lane] + T.Cast(
-                            "float32", unbiased(sums[i, lane], x_offset,
-                                                token(order, first, t0, i, last),
-                                                block * LANES + lane)) * (
-                            weight_scale(scale, e, row_of(base, j), block * LANES + lane)
-                            * x_scale[token(order, first, t0, i, last), block * LANES + lane])
+                    for r in T.unroll(R):
+                        for lane in T.vectorized(LANES):
+                            acc[i * R + r, lane] = acc[i * R + r, lane] + T.Cast(
+                                "float32", unbiased(sums[i * R + r, lane], x_offset,
+                                                    token(order, first, t0, i, last),
+                                                    block * LANES + lane)) * (
+                                weight_scale(scale, e, row_of(base, jb * R + r),
+                                             block * LANES + lane)
+                                * x_scale[token(order, first, t0, i, last), block * LANES + lane])
             for i in T.unroll(tokens):
-                fold(acc, (i,))
-                dots[i, j] = acc[i, 0]
+                for r in T.unroll(R):
+                    fold(acc, (i * R + r,))
+                    dots[i, jb * R + r] = acc[i * R + r, 0]
 
     return dot
 
@@ -478,15 +497,17 @@ def tiled_row_dots(scheme: QuantScheme, k: int, rows: int, dots: IntegerDots, ro
     (a tile reads its rows once per tile of tokens, from cache after the first; prefetching
     there made prefill-32 1.7x slower)."""
     MT = TILE_TOKENS
-    tile, single = (row_dots(scheme, k, rows, t, dots, row_of, experts, activation_row,
-                             ahead if t == 1 else 0) for t in (MT, 1))
+    RT = row_tile(dots)
+    assert rows % RT == 0, (rows, RT)
+    tile = row_dots(scheme, k, rows, MT, dots, row_of, experts, activation_row, 0, RT)
+    single = row_dots(scheme, k, rows, 1, dots, row_of, experts, activation_row, ahead)
 
     lanes = scheme.lanes(k)
 
     @T.macro
     def run(q, scale, xa, x_scale, x_offset, e, base, first, count, dst, routing, order):
-        acc = stack_buffer((MT, lanes), "float32")  # per row: float32 sums of its groups
-        sums = stack_buffer((MT, lanes), "int32")  # per block: integer sums of its groups
+        acc = stack_buffer((MT * RT, lanes), "float32")  # per row: float32 sums of its groups
+        sums = stack_buffer((MT * RT, lanes), "int32")  # per block: integer sums of its groups
         dots = stack_buffer((MT, rows), "float32")
         if count >= MT:
             for t in range((count + MT - 1) // MT):
