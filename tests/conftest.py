@@ -113,18 +113,18 @@ def tiny_model(make_artifact, tiny_checkpoint) -> qwen3c.runtime.Model:
     return qwen3c.load(make_artifact(tiny_checkpoint))
 
 
-def assert_as_faithful_as_hf_16bit(ours: np.ndarray, exact: np.ndarray, hf_16bit: np.ndarray,
-                                   top1_slack: float) -> None:
+def assert_as_faithful_as_hf_16bit(ours: np.ndarray, exact: np.ndarray,
+                                   hf_16bit: np.ndarray) -> None:
     """A 16-bit artifact's logits (``ours``) against HF float32 (``exact``) must be at least as
-    good as HF's own 16-bit ones: top-1 agreement within ``top1_slack``, largest error within
-    1.5x of HF's; and not exact, or it did not compute in 16-bit."""
-    def top1_agreement(logits: np.ndarray) -> float:
-        return float(np.mean(logits.argmax(-1) == exact.argmax(-1)))
-
-    ours_error, hf_error = np.abs(ours - exact).max(), np.abs(hf_16bit - exact).max()
-    assert top1_agreement(ours) >= top1_agreement(hf_16bit) - top1_slack, (ours_error, hf_error)
-    assert ours_error <= 1.5 * hf_error, (ours_error, hf_error)
-    assert ours_error > 0
+    good as HF's own 16-bit ones: mean error no larger than HF's, largest error within 1.5x of
+    HF's; and not exact, or it did not compute in 16-bit. Not top-1 agreement: a random
+    model's logits hold near ties, and over 64 or 256 positions HF's bfloat16 and ours (either
+    attention kernel) each missed 1-5 more or fewer of float32's top tokens than the other,
+    from one prompt to the next, while our mean error stayed 4-12 % under HF's."""
+    ours_error, hf_error = np.abs(ours - exact), np.abs(hf_16bit - exact)
+    assert ours_error.mean() <= hf_error.mean(), (ours_error.mean(), hf_error.mean())
+    assert ours_error.max() <= 1.5 * hf_error.max(), (ours_error.max(), hf_error.max())
+    assert ours_error.max() > 0
 
 
 @contextlib.contextmanager

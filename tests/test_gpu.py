@@ -37,9 +37,8 @@ def test_cuda_16bit_is_as_close_to_float32_as_hf_on_the_gpu(dtype, make_checkpoi
     checkpoint = make_checkpoint("gpu-wide", **WIDER_CONFIG)
     model = qwen3c.load(make_artifact(checkpoint, dtype=dtype, target="cuda", arch=gpu_arch()))
     ids = np.random.default_rng(5).integers(0, model.vocab_size, 64).tolist()
-    # Near-ties flip either way on a GPU (other summation orders than HF's kernels): one
-    # position of 64 may differ; the error bound is the strict check.
+    # Near-ties flip either way on a GPU (other summation orders than HF's kernels): the
+    # helper bounds the errors, not top-1 agreement.
     exact = HFReference(checkpoint, "float32").logits(ids)
     assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
-                                   HFReference(checkpoint, dtype, device="cuda").logits(ids),
-                                   top1_slack=1 / len(ids))
+                                   HFReference(checkpoint, dtype, device="cuda").logits(ids))
