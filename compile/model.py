@@ -43,7 +43,6 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import mark_quantized
 from qwen3c.compile.sharding import SINGLE_DEVICE, Parallelism, shard
 from qwen3c.schedules import (
-    amx_attention,
     amx_gemm,
     attention,
     bf16_dot,
@@ -54,6 +53,7 @@ from qwen3c.schedules import (
     moe_quant,
     quant,
     quant_tiles,
+    tile_attention,
     vector_unit,
 )
 from qwen3c.schedules.quant import QuantScheme
@@ -167,18 +167,19 @@ def use_own_cache_kernels(builder: rx.BlockBuilder, kv_heads: int, heads: int, h
                           rope_theta: float, dtype: str) -> None:
     """Swap TVM's serial CPU kernels for the cache's RoPE, its prefill attention over new
     tokens and over cached pages, and its decode attention for ours (``schedules/rope.py``,
-    ``schedules/attention.py``, ``schedules/amx_attention.py`` where the CPU has AMX tiles;
-    same signatures), in the module being built."""
-    prefill = (amx_attention if amx_attention.usable(Target.current(), dtype, head_dim)
-               else attention)
+    ``schedules/attention.py``; the prefills on ``schedules/tile_attention.py``'s tile
+    products where the CPU has them; same signatures), in the module being built."""
+    products = tile_attention.products_for(Target.current(), dtype, head_dim)
+    prefill, options = ((attention, {}) if products is None
+                        else (tile_attention, {"products": products}))
     replacements = [
         (llama_rope_with_position_map(rope_theta, 1, head_dim, heads, kv_heads, dtype, {},
                                       head_dim),
          split_rotary(rope_theta, head_dim, heads, kv_heads, dtype)),
         (_attention_prefill_ragged_cpu(kv_heads, heads, head_dim, head_dim, dtype, {}),
-         prefill.ragged_prefill_attention(kv_heads, heads, head_dim, dtype)),
+         prefill.ragged_prefill_attention(kv_heads, heads, head_dim, dtype, **options)),
         (_attention_prefill_cpu(kv_heads, heads, head_dim, dtype, False, {}),
-         prefill.paged_prefill_attention(kv_heads, heads, head_dim, dtype)),
+         prefill.paged_prefill_attention(kv_heads, heads, head_dim, dtype, **options)),
         (_attention_decode_cpu(kv_heads, heads, head_dim, dtype, False, {}),
          attention.paged_decode_attention(kv_heads, heads, head_dim, dtype)),
     ]

@@ -135,10 +135,11 @@ def usable(target: tvm.target.Target, dtype: str, n: int, k: int) -> bool:
     return dtype == "bfloat16" and n % BLOCK == 0 and k % STEP == 0 and has_tiles(target)
 
 
-def block_sums(weight0, weight1, xv_block, sums, depth: int):
+def block_sums(weight0, weight1, xv_block, sums, depth: int, symbol: str = SYMBOL):
     """The call that fills ``sums[i, j]`` [16, 16] with weight rows ``weight{i}``.. (addresses
-    of 16 rows each) times the tokens of B tile column ``j`` from ``xv_block``, over ``depth``."""
-    return T.call_extern("void", SYMBOL, weight0, weight1, T.int64(2 * depth), xv_block,
+    of 16 rows each) times the tokens of B tile column ``j`` from ``xv_block``, over ``depth``
+    (by ``symbol``: this module's tiles, or ``bf16_dot.BLOCK_SYMBOL``)."""
+    return T.call_extern("void", symbol, weight0, weight1, T.int64(2 * depth), xv_block,
                          T.int64(2 * depth * TILE), sums, T.int64(depth // STEP))
 
 

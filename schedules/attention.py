@@ -22,7 +22,7 @@ in blocks of KEY_BLOCK with an online softmax (flash attention's running max and
 ``lse`` is in log2 units, as TVM's, so the cache can merge partial results (a later prefill
 chunk attends to cached pages with ``paged_prefill_attention`` and to its new tokens with the
 ragged kernel). Both gather their keys through a ``source`` table (``ragged_sources``,
-``paged_sources``; the AMX kernels of ``amx_attention.py`` use the same tables) and keep TVM's
+``paged_sources``; the tile kernels of ``tile_attention.py`` use the same tables) and keep TVM's
 signatures (``ragged_kernel``, ``paged_kernel``), so the cache calls them unchanged. TVM's own
 paged kernel walks every slot of the cache for every query row: a 2048-token prompt in
 512-token chunks took 32 s with it. RoPE must have been applied before (the cache's "normal"

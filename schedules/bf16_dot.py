@@ -113,3 +113,81 @@ def tile(tokens: int, rows: int, depth: int, token_row, row_of, ahead: int = 0):
                 sums[i, j] = acc[i, j, 0]
 
     return run
+
+
+BLOCK_SYMBOL = "qwen3c_dpbf16ps_block"
+BLOCK_ROWS = 8  # A rows per register tile: 8 rows x 2 column vectors of sums
+
+
+def _block_ir() -> str:
+    """``amx_gemm.SYMBOL``'s 2 x 2 block of tile products on ``vdpbf16ps``: C[i, j] (16 x 16
+    float32, at ``out`` + 1024 (2 i + j) bytes) = the 16 A rows from ``a{i}`` (``row_bytes``
+    apart; 64 bytes a step) times B tile j (16 k-pairs x 16 column words, 1 KB a step, tile 1
+    ``block_bytes`` after tile 0), over ``steps`` steps of 32 k. A tile product is 16 x 16
+    ``vdpbf16ps`` of an A word broadcast against a B row; the 32 rows go BLOCK_ROWS at a time,
+    whose 2 x BLOCK_ROWS sums stay in registers over all steps."""
+    rows, pairs = BLOCK_ROWS, 16
+    acc = [(r, j) for r in range(rows) for j in range(2)]
+    lines = [
+        f"define linkonce_odr void @{BLOCK_SYMBOL}(ptr %a0, ptr %a1, i64 %row_bytes, ptr %b,",
+        "                                  i64 %block_bytes, ptr %out, i64 %steps) {",
+        "entry:", "  br label %group", "group:",
+        "  %g = phi i64 [0, %entry], [%g_next, %stored]",
+        "  %high = icmp uge i64 %g, 2",
+        "  %a_half = select i1 %high, ptr %a1, ptr %a0",
+        f"  %part = and i64 %g, {16 // rows - 1}",
+        f"  %first_row = mul i64 %part, {rows}",
+        "  %skip = mul i64 %first_row, %row_bytes",
+        "  %a_at = getelementptr i8, ptr %a_half, i64 %skip",
+        "  %half = lshr i64 %g, 1",
+        "  %tile_bytes = mul i64 %half, 2048",
+        f"  %row_skip = mul i64 %part, {rows * 64}",
+        "  %out_skip = add i64 %tile_bytes, %row_skip",
+        "  %out_at = getelementptr i8, ptr %out, i64 %out_skip",
+        *(f"  %row{r}_bytes = mul i64 {r}, %row_bytes" for r in range(rows)),
+        "  br label %step", "step:",
+        "  %s = phi i64 [0, %group], [%s_next, %step]",
+        *(f"  %c{r}_{j}_0 = phi <16 x float> [zeroinitializer, %group], "
+          f"[%c{r}_{j}_{pairs}, %step]" for r, j in acc),
+        "  %k_bytes = mul i64 %s, 64",
+        "  %b_bytes = mul i64 %s, 1024",
+        "  %b0_at = getelementptr i8, ptr %b, i64 %b_bytes",
+        "  %b1_at = getelementptr i8, ptr %b0_at, i64 %block_bytes",
+        "  %a_step = getelementptr i8, ptr %a_at, i64 %k_bytes",
+        *(f"  %a{r}_at = getelementptr i8, ptr %a_step, i64 %row{r}_bytes" for r in range(rows)),
+    ]
+    for p in range(pairs):
+        for j in range(2):
+            lines += [f"  %b{j}_{p}_at = getelementptr i8, ptr %b{j}_at, i64 {64 * p}",
+                      f"  %b{j}_{p}_words = load <16 x i32>, ptr %b{j}_{p}_at, align 4",
+                      f"  %b{j}_{p} = bitcast <16 x i32> %b{j}_{p}_words to <32 x bfloat>"]
+        for r in range(rows):
+            lines += [f"  %a{r}_{p}_at = getelementptr i8, ptr %a{r}_at, i64 {4 * p}",
+                      f"  %a{r}_{p}_word = load i32, ptr %a{r}_{p}_at, align 4",
+                      f"  %a{r}_{p}_one = insertelement <16 x i32> poison, i32 %a{r}_{p}_word, "
+                      "i64 0",
+                      f"  %a{r}_{p}_all = shufflevector <16 x i32> %a{r}_{p}_one, <16 x i32> "
+                      "poison, <16 x i32> zeroinitializer",
+                      f"  %a{r}_{p} = bitcast <16 x i32> %a{r}_{p}_all to <32 x bfloat>"]
+            lines += [f"  %c{r}_{j}_{p + 1} = call <16 x float> "
+                      f"@llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c{r}_{j}_{p}, "
+                      f"<32 x bfloat> %a{r}_{p}, <32 x bfloat> %b{j}_{p})" for j in range(2)]
+    lines += [
+        "  %s_next = add i64 %s, 1",
+        "  %s_done = icmp eq i64 %s_next, %steps",
+        "  br i1 %s_done, label %stored, label %step", "stored:",
+    ]
+    for r, j in acc:
+        lines += [f"  %out{r}_{j} = getelementptr i8, ptr %out_at, i64 {1024 * j + 64 * r}",
+                  f"  store <16 x float> %c{r}_{j}_{pairs}, ptr %out{r}_{j}, align 4"]
+    lines += [
+        "  %g_next = add i64 %g, 1",
+        f"  %g_done = icmp eq i64 %g_next, {32 // rows}",
+        "  br i1 %g_done, label %exit, label %group", "exit:", "  ret void", "}",
+        "declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>,",
+        "                                                       <32 x bfloat>)",
+    ]
+    return "\n".join(lines)
+
+
+BLOCK_IMPORT = {"pragma_import_llvm": _block_ir()}  # for kernels that call BLOCK_SYMBOL

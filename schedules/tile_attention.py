@@ -1,11 +1,14 @@
-"""bfloat16 prefill attention on AMX tiles: the cache's two prefill kernels (new tokens
+"""bfloat16 prefill attention on tile products: the cache's two prefill kernels (new tokens
 against themselves, and against the cached pages; ``attention.py``'s contracts) with both
-products, QKᵀ and PV, as ``tdpbf16ps`` tile products.
+products, QKᵀ and PV, as 2 x 2 blocks of 16 x 16 tile products (``Products``): AMX's
+``tdpbf16ps`` where the CPU has tiles, else the same blocks in ``vdpbf16ps`` where
+``bf16_dot``'s kernels pay (``bf16_dot.BLOCK_SYMBOL``).
 
 The vector kernels of ``attention.py`` spend their time in float32 FMAs, so their cost grows
-with the square of the prompt at a low rate: 20.7 ms a layer at 512 tokens for the 0.6B shape
-(Intel Xeon, 2 threads), 1.9 ms here. A parallel task takes TOKENS consecutive tokens of one
-query head and walks the keys they may see CHUNK at a time:
+with the square of the prompt at a low rate. A layer of the 0.6B shape at 512 tokens (causal,
+2 threads) took 20.7 ms on an Intel Xeon and 1.9 ms on its AMX tiles; on a Zen 4 11.5 ms, and
+4.3 ms in ``vdpbf16ps`` blocks (2048 tokens: 370 and 61 ms). A parallel task takes TOKENS
+consecutive tokens of one query head and walks the keys they may see CHUNK at a time:
 
     S = Q Kᵀ            (amx_gemm's 2 x 2 tile blocks: Q's rows are the A tiles, 32 keys the Bs)
     m' = max(m, rowmax S · c),  P = 2^(S · c - m'),  l = l · 2^(m - m') + Σ P
@@ -29,6 +32,8 @@ and each thread gets early and late tokens alike.
 
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -44,15 +49,34 @@ CHUNK = 256  # keys scored before their softmax is folded into the output
 LOWEST = -3.0e38  # below any score
 
 
+@dataclasses.dataclass(frozen=True)
+class Products:
+    """What runs the 2 x 2 blocks of tile products: ``symbol`` (``amx_gemm.SYMBOL``'s
+    arguments), defined by the IR in ``annotations`` on the kernel's parallel loop."""
+
+    name: str
+    symbol: str
+    annotations: dict
+
+
+AMX = Products("amx", amx_gemm.SYMBOL, amx_gemm.IMPORT)
+VDPBF16PS = Products("vdpbf16ps", bf16_dot.BLOCK_SYMBOL, bf16_dot.BLOCK_IMPORT)
+
+
 def _slots(keys, sequences):
     """Key slots enough for every sequence's keys from a whole block on."""
     return amx_gemm.padded(keys) + sequences * BLOCK
 
 
-def usable(target: tvm.target.Target, dtype: str, head_dim: int) -> bool:
-    """Whether prefill attention over ``dtype`` heads of ``head_dim`` runs on AMX tiles."""
-    return (dtype == "bfloat16" and head_dim % amx_gemm.STEP == 0
-            and amx_gemm.has_tiles(target) and bf16_dot.available(target, dtype, head_dim))
+def products_for(target: tvm.target.Target, dtype: str, head_dim: int) -> Products | None:
+    """What runs prefill attention's products over ``dtype`` heads of ``head_dim`` for
+    ``target``: AMX tiles where the CPU has them, ``vdpbf16ps`` where ``bf16_dot``'s kernels
+    pay, else None (``attention.py``'s vector kernels)."""
+    if dtype != "bfloat16" or not bf16_dot.available(target, dtype, head_dim):
+        return None
+    if amx_gemm.has_tiles(target):
+        return AMX
+    return VDPBF16PS if bf16_dot.usable(target, dtype, head_dim) else None
 
 
 def _tile_of(task_tile, tiles):
@@ -154,7 +178,7 @@ def _softmax():
     return softmax
 
 
-def _values_times_probs(head_dim: int):
+def _values_times_probs(head_dim: int, products: Products):
     """A TVMScript macro ``accumulate(acc, probs, values, sums, state, at, steps, slots)``:
     acc = acc · rescale + P V for one chunk, ``steps`` blocks of 32 keys of P (``probs``)
     and of the values whose first pair is at ``at`` (the address of ``values[g, 0, pair,
@@ -165,7 +189,7 @@ def _values_times_probs(head_dim: int):
     def accumulate(acc, probs, values, sums, state, at, steps, slots):
         for dp in range(D // BLOCK):
             T.evaluate(T.call_extern(
-                "void", amx_gemm.SYMBOL, T.address_of(probs[0, 0]),
+                "void", products.symbol, T.address_of(probs[0, 0]),
                 T.address_of(probs[TILE, 0]), T.int64(2 * CHUNK),
                 T.address_of(values[at[0], dp * 2, at[1], 0]), T.int64(slots // 2 * TILE * 4),
                 T.address_of(sums[0, 0, 0, 0]), T.int64(steps)))
@@ -178,13 +202,13 @@ def _values_times_probs(head_dim: int):
     return accumulate
 
 
-def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
+def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str, products: Products):
     """A TVMScript macro ``attend(q, q_indptr, start, length, keys, values, output, lse,
     causal, sm_scale, slots)``: every query row against its sequence's ``length[b]`` keys,
     laid out from slot ``start[b]`` by ``_lay_out`` (the last ``q_count`` of them the new
     tokens' own when causal). A task is TOKENS tokens of one query head (module docstring)."""
     H, D, G, W = num_heads, head_dim, num_heads // num_kv_heads, head_dim // 2
-    softmax, accumulate = _softmax(), _values_times_probs(head_dim)
+    softmax, accumulate = _softmax(), _values_times_probs(head_dim, products)
 
     @T.macro
     def attend(q, q_indptr, start, length, keys, values, output, lse, causal, sm_scale, slots):
@@ -198,7 +222,7 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
             for b in range(batch_size):
                 first_tile[b + 1] = first_tile[b] + (
                     q_indptr[b + 1] - q_indptr[b] + TOKENS - 1) // TOKENS
-            for task in T.parallel(first_tile[batch_size] * H, annotations=amx_gemm.IMPORT):
+            for task in T.parallel(first_tile[batch_size] * H, annotations=products.annotations):
                 with T.sblock("attend"):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
@@ -242,7 +266,7 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
                             T.evaluate(amx_gemm.block_sums(
                                 T.address_of(rows[0, 0]), T.address_of(rows[TILE, 0]),
                                 T.address_of(keys[(g * slots + slot + kb * BLOCK) // TILE, 0, 0]),
-                                T.address_of(scores[kb, 0, 0, 0, 0]), D))
+                                T.address_of(scores[kb, 0, 0, 0, 0]), D, products.symbol))
                         softmax(scores, probs, state, sees, weights, lanes, chunk * CHUNK, width,
                                 sm_scale * LOG2E)
                         accumulate(acc, probs, values, sums, state, (g, slot // 2),
@@ -258,14 +282,14 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
 
 
 def _laid_out_prefill(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
-                      head_stride: int, value_offset: int, sources):
+                      head_stride: int, value_offset: int, sources, products: Products):
     """A TVMScript macro ``run(key_words, value_bits, tables, keys, q, q_indptr, output, lse,
     causal, sm_scale)``: ``sources`` (``attention.ragged_sources`` / ``paged_sources``,
     reading ``tables``) numbers the key slots of at most ``keys`` keys, ``_lay_out`` lays them
     out, ``_tasks`` runs the rows."""
     D, W = head_dim, head_dim // 2
     lay_out = _lay_out(num_kv_heads, head_dim, head_stride, value_offset)
-    attend = _tasks(num_kv_heads, num_heads, head_dim, dtype)
+    attend = _tasks(num_kv_heads, num_heads, head_dim, dtype, products)
 
     @T.macro
     def run(key_words, value_bits, tables, keys, q, q_indptr, output, lse, causal, sm_scale):
@@ -293,20 +317,20 @@ def _rows(head_dim: int) -> tuple[attention.Rows, attention.Rows]:
     return (WORD, head_dim // 2), ("uint16", head_dim)
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                             dtype: str) -> tirx.PrimFunc:
-    """``attention.ragged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+def ragged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str, *,
+                             products: Products) -> tirx.PrimFunc:
+    """``attention.ragged_prefill_attention`` on ``products`` (see ``products_for``)."""
     run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, 1, 0,
-                            attention.ragged_sources(num_kv_heads, BLOCK))
+                            attention.ragged_sources(num_kv_heads, BLOCK), products)
     return attention.ragged_kernel(num_kv_heads, num_heads, head_dim, dtype, run,
                                    *_rows(head_dim))
 
 
 def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str,
-                            page_size: int = 16) -> tirx.PrimFunc:
-    """``attention.paged_prefill_attention`` on AMX tiles (check ``usable`` first)."""
+                            page_size: int = 16, *, products: Products) -> tirx.PrimFunc:
+    """``attention.paged_prefill_attention`` on ``products`` (see ``products_for``)."""
     P = page_size
     run = _laid_out_prefill(num_kv_heads, num_heads, head_dim, dtype, P, num_kv_heads * P,
-                            attention.paged_sources(num_kv_heads, P, BLOCK))
+                            attention.paged_sources(num_kv_heads, P, BLOCK), products)
     return attention.paged_kernel(num_kv_heads, num_heads, head_dim, dtype, P, run,
                                   *_rows(head_dim))

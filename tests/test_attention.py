@@ -1,8 +1,9 @@
 """qwen3c's attention kernels against numpy: ragged batches, GQA, odd lengths; the vector
-kernels everywhere, the AMX prefill where the CPU has tiles."""
+kernels everywhere, the prefills on tile products where the CPU has their instructions."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_dtypes
@@ -11,7 +12,7 @@ import pytest
 import tvm
 from conftest import host_target
 
-from qwen3c.schedules import amx_attention
+from qwen3c.schedules import amx_gemm, bf16_dot, tile_attention
 from qwen3c.schedules.attention import (
     KEY_BLOCK,
     paged_decode_attention,
@@ -84,30 +85,51 @@ def test_ragged_prefill_attention_matches_numpy(dtype, causal):
                        causal, seed=0)
 
 
-@pytest.mark.skipif(not amx_attention.usable(host_target(), "bfloat16", 64),
-                    reason="needs a CPU with AMX tiles and AVX512-BF16")
+TILE_PRODUCTS = {products.name: products
+                 for products in (tile_attention.AMX, tile_attention.VDPBF16PS)}
+
+
+def host_runs(products: tile_attention.Products) -> bool:
+    """Whether this CPU has ``products``' instructions (whether or not builds pick them)."""
+    target = host_target()
+    if not bf16_dot.available(target, "bfloat16", 64):
+        return False
+    return products is not tile_attention.AMX or amx_gemm.has_tiles(target)
+
+
+@pytest.mark.parametrize("products", TILE_PRODUCTS)
 @pytest.mark.parametrize("causal", [1, 0])
-def test_amx_prefill_attention_matches_numpy(causal):
+def test_tile_prefill_attention_matches_numpy(products, causal):
     """Tiles of tokens that end mid-tile, a prompt over two chunks of keys, a single token,
     GQA of 3 query heads per KV head."""
-    q_lens = [5, amx_attention.TOKENS * 2 + 3, amx_attention.CHUNK + 40, 1]
-    run_ragged_prefill(amx_attention.ragged_prefill_attention(2, 6, 64, "bfloat16"), q_lens,
-                       2, 6, 64, "bfloat16", causal, seed=2)
+    if not host_runs(TILE_PRODUCTS[products]):
+        pytest.skip(f"this CPU has no {products} instructions")
+    q_lens = [5, tile_attention.TOKENS * 2 + 3, tile_attention.CHUNK + 40, 1]
+    kernel = tile_attention.ragged_prefill_attention(2, 6, 64, "bfloat16",
+                                                     products=TILE_PRODUCTS[products])
+    run_ragged_prefill(kernel, q_lens, 2, 6, 64, "bfloat16", causal, seed=2)
 
 
-def test_amx_prefill_attention_compiles_to_tile_instructions():
-    """On any AMX CPU (this host need not have one): both products on the tiles, the
-    probabilities rounded by ``vcvtne2ps2bf16``."""
-    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
-                                "mcpu": "sapphirerapids"})
-    assert amx_attention.usable(target, "bfloat16", 128)
-    assert not amx_attention.usable(target, "float32", 128)
-    assert not amx_attention.usable(target, "bfloat16", 24)
-    kernel = amx_attention.ragged_prefill_attention(8, 16, 128, "bfloat16")
+@pytest.mark.parametrize(("cpu", "products", "instruction"),
+                         [("sapphirerapids", tile_attention.AMX, "tdpbf16ps"),
+                          ("znver4", tile_attention.VDPBF16PS, "vdpbf16ps"),
+                          ("cooperlake", None, None), ("znver3", None, None)])
+def test_tile_prefill_attention_takes_the_products_of_the_cpu(cpu, products, instruction):
+    """AMX tiles on an AMX CPU, ``vdpbf16ps`` blocks on a Zen 4 (this host need not be
+    either), the vector kernels on an Intel CPU without tiles (``bf16_dot.PAYS_ON``) and
+    without AVX512-BF16; both products on the chosen instructions, the probabilities rounded
+    by ``vcvtne2ps2bf16``."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    assert tile_attention.products_for(target, "bfloat16", 128) is products
+    assert tile_attention.products_for(target, "float32", 128) is None
+    assert tile_attention.products_for(target, "bfloat16", 24) is None
+    if products is None:
+        return
+    kernel = tile_attention.ragged_prefill_attention(8, 16, 128, "bfloat16", products=products)
     assembly = tvm.tirx.build(kernel.with_attr("global_symbol", "main"),
                               target=target).inspect_source("asm")
-    for instruction in ("tdpbf16ps", "vcvtne2ps2bf16"):
-        assert instruction in assembly, instruction
+    for expected in (instruction, "vcvtne2ps2bf16"):
+        assert expected in assembly, expected
 
 
 class PagedCache:
@@ -172,7 +194,9 @@ def test_paged_decode_attention_matches_numpy(dtype):
 
 
 PAGED_PREFILLS = {"vector": (paged_prefill_attention, 24),
-                  "amx": (amx_attention.paged_prefill_attention, 64)}
+                  **{name: (functools.partial(tile_attention.paged_prefill_attention,
+                                              products=products), 64)
+                     for name, products in TILE_PRODUCTS.items()}}
 
 
 @pytest.mark.parametrize("kernel", PAGED_PREFILLS)
@@ -180,13 +204,14 @@ PAGED_PREFILLS = {"vector": (paged_prefill_attention, 24),
 @pytest.mark.parametrize("causal", [0, 1])
 def test_paged_prefill_attention_matches_numpy(kernel, dtype, causal):
     """New tokens against their sequences' cached pages (a prompt's later chunk): contexts
-    ending mid-page, over a chunk of the AMX kernel's keys, and a sequence with no pages."""
+    ending mid-page, over a chunk of the tile kernels' keys, and a sequence with no pages."""
     make, head_dim = PAGED_PREFILLS[kernel]
-    if kernel == "amx" and not (dtype == "bfloat16"
-                                and amx_attention.usable(host_target(), dtype, head_dim)):
-        pytest.skip("the AMX kernel is for bfloat16 on CPUs with AMX tiles and AVX512-BF16")
+    if kernel in TILE_PRODUCTS and dtype != "bfloat16":
+        pytest.skip("the tile kernels are for bfloat16")
+    if kernel in TILE_PRODUCTS and not host_runs(TILE_PRODUCTS[kernel]):
+        pytest.skip(f"this CPU has no {kernel} instructions")
     kv_heads, heads = 2, 6
-    kv_lens = [20, amx_attention.CHUNK + 45, 0, 3]
+    kv_lens = [20, tile_attention.CHUNK + 45, 0, 3]
     q_lens = [7, 40, 2, 3]  # causal: the last q_len keys are the new tokens' own
     rng = np.random.default_rng(4)
     cache = PagedCache(kv_lens, kv_heads, head_dim, dtype, rng)
