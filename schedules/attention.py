@@ -201,6 +201,13 @@ def _gather(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: in
     return gather
 
 
+def interleaved(task_tile, tiles):
+    """Task order -> tile: 0, last, 1, last - 1, ...: causal rows see more keys the later their
+    tokens, and TVM splits a parallel loop into one run of consecutive tasks per thread, so
+    every run mixes early and late tokens alike."""
+    return T.if_then_else(task_tile % 2 == 0, task_tile // 2, tiles - 1 - task_tile // 2)
+
+
 def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str):
     """A TVMScript macro ``attend(q, q_indptr, start, length, keys_t, values, output, lse,
     causal, sm_scale, batch_size)``: every query row against its sequence's keys (``length[b]``
@@ -215,7 +222,8 @@ def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str)
     @T.macro
     def attend(q, q_indptr, start, length, keys_t, values, output, lse, causal, sm_scale,
                batch_size):
-        for task in T.parallel((q.shape[0] + TOKENS - 1) // TOKENS * batch_size * num_kv_heads):
+        tiles: T.let = (q.shape[0] + TOKENS - 1) // TOKENS
+        for task in T.parallel(num_kv_heads * tiles * batch_size):
             with T.sblock("attend"):
                 T.reads()  # independent tasks; nothing schedules this block
                 T.writes()
@@ -226,9 +234,9 @@ def _prefill_tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str)
                 state = stack_buffer((R, 4), "float32")
                 sees = stack_buffer((R,), "int32")  # keys each row sees in all
                 visible = stack_buffer((R,), "int32")  # ... in the current block
-                g: T.let = task % num_kv_heads
-                b: T.let = task // num_kv_heads % batch_size
-                first_token: T.let = task // num_kv_heads // batch_size * TOKENS
+                g: T.let = task // (tiles * batch_size)
+                b: T.let = task % batch_size
+                first_token: T.let = interleaved(task // batch_size % tiles, tiles) * TOKENS
                 q_begin: T.let = q_indptr[b]
                 q_count: T.let = q_indptr[b + 1] - q_begin
                 if first_token < q_count:

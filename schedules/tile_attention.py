@@ -25,9 +25,8 @@ tokens, ``[key / 16, D / 2, 16]`` words (a B tile is 1 KB of consecutive memory,
 of D the next KB), values as ``[D / 16, key / 2, 16]`` words (each word the same feature of
 two neighbouring keys: a B tile is 16 key pairs x 16 features, the next 32 keys the next KB).
 
-Causal rows see more keys the later their tokens, and TVM splits a parallel loop into one run
-of consecutive tasks per thread, so tasks take their tiles from both ends in turn (``_tile_of``)
-and each thread gets early and late tokens alike.
+Causal rows see more keys the later their tokens, so tasks take their tiles from both ends in
+turn (``attention.interleaved``) and each thread gets early and late tokens alike.
 """
 
 from __future__ import annotations
@@ -77,12 +76,6 @@ def products_for(target: tvm.target.Target, dtype: str, head_dim: int) -> Produc
     if amx_gemm.has_tiles(target):
         return AMX
     return VDPBF16PS if bf16_dot.usable(target, dtype, head_dim) else None
-
-
-def _tile_of(task_tile, tiles):
-    """Task order -> tile: 0, last, 1, last - 1, ..., so any run of tasks mixes early and late
-    tokens."""
-    return T.if_then_else(task_tile % 2 == 0, task_tile // 2, tiles - 1 - task_tile // 2)
 
 
 def _lay_out(num_kv_heads: int, head_dim: int, head_stride: int, value_offset: int):
@@ -237,7 +230,7 @@ def _tasks(num_kv_heads: int, num_heads: int, head_dim: int, dtype: str, product
                     lanes = stack_buffer((2, TILE), "float32")
                     found = stack_buffer((1,), "int32")
                     h: T.let = task % H
-                    tile: T.let = _tile_of(task // H, first_tile[batch_size])
+                    tile: T.let = attention.interleaved(task // H, first_tile[batch_size])
                     found[0] = 0
                     for s in range(batch_size):  # the sequence of this tile
                         if first_tile[s + 1] <= tile:
