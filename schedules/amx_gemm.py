@@ -122,6 +122,7 @@ def _transpose_ir() -> str:
 
 
 IMPORT = {"pragma_import_llvm": _IR + _transpose_ir()}
+TRANSPOSE_IMPORT = {"pragma_import_llvm": _transpose_ir()}  # for kernels without tiles
 
 
 def has_tiles(target: tvm.target.Target) -> bool:

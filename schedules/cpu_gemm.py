@@ -169,6 +169,40 @@ def dot_tiles(n: int, tile, tokens: int, rows: int, lanes: int, vector: str,
     return run
 
 
+def panel_transposition(rows: int, k: int, lanes: int):
+    """A TVMScript macro ``transpose(w, wp, nb)``: weight rows ``nb * rows`` on, converted to
+    float32 and transposed into ``wp[k, rows]``. With AVX-512, blocks of 16 rows x 64 k go
+    through ``amx_gemm.TRANSPOSE`` (four 16 x 16 tiles by shuffles; rows read and the panel
+    written a vector at a time): the gather across the panel's 64 rows it replaces made a Zen
+    4's float32-FMA GEMMs 1.5-2.0x slower at 128 tokens, 2.3-2.9x at 64 (1.15-1.28x at 512).
+    Narrower vectors keep that gather, one element at a time: on AVX2 (a 16-row panel) the
+    shuffles measured the same at 64 and 128 tokens and up to 12 % slower at 512."""
+    T16, KB = amx_gemm.TILE, 4 * amx_gemm.TILE
+    if lanes < 16 or rows % T16 or k % KB:
+        @T.macro
+        def gather(w, wp, nb):
+            for kk in range(k):
+                for c in T.vectorized(rows):
+                    wp[kk, c] = T.Cast(OUT_DTYPE, w[nb * rows + c, kk])
+
+        return gather
+
+    @T.macro
+    def transpose(w, wp, nb):
+        tiles = T.sblock_alloc_buffer((4, T16, T16), OUT_DTYPE)
+        for rb, kb in T.grid(rows // T16, k // KB):
+            for t, r in T.grid(4, T16):
+                for c in T.vectorized(T16):
+                    tiles[t, r, c] = T.Cast(OUT_DTYPE, w[nb * rows + rb * T16 + r,
+                                                         kb * KB + t * T16 + c])
+            T.evaluate(T.call_extern("void", amx_gemm.TRANSPOSE, T.address_of(tiles[0, 0, 0])))
+            for t, c in T.grid(4, T16):
+                for r in T.vectorized(T16):
+                    wp[kb * KB + t * T16 + c, rb * T16 + r] = tiles[t, c, r]
+
+    return transpose
+
+
 def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
     """A TVMScript macro: y[m, n] (float32) = x[m, k] · W[n, k]ᵀ on float32 FMAs; ``lanes`` is
     the float32 width of one machine vector (it must divide 16), ``registers`` how many there
@@ -181,6 +215,7 @@ def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
     tiles = dot_tiles(n, moe.expert_tile(DMT, DJ, lanes, K, lambda base, j: base + j), DMT, DJ,
                       lanes, OUT_DTYPE, {})
     decode = gemv(n, k, dtype)
+    transpose_panel = panel_transposition(NB, K, lanes)
 
     @T.macro
     def run(x, w, y, m):
@@ -192,12 +227,10 @@ def float_projection(n: int, k: int, dtype: str, lanes: int, registers: int):
                     for c in T.vectorized(K):
                         xf[r, c] = T.Cast(OUT_DTYPE, x[r, c])
                 if m >= PANEL_MIN_TOKENS:
-                    for nb in T.parallel(N // NB):
+                    for nb in T.parallel(N // NB, annotations=amx_gemm.TRANSPOSE_IMPORT):
                         with T.sblock("panel"):
                             wp = T.sblock_alloc_buffer((K, NB), OUT_DTYPE)
-                            for kk in range(K):
-                                for c in T.vectorized(NB):
-                                    wp[kk, c] = T.Cast(OUT_DTYPE, w[nb * NB + c, kk])
+                            transpose_panel(w, wp, nb)
                             for mb in range((m + MT - 1) // MT):
                                 with T.sblock("tile"):
                                     acc = T.sblock_alloc_buffer((MT, NB), OUT_DTYPE, scope="local")

@@ -81,7 +81,7 @@ def test_schedule_declines_what_is_not_a_projection():
 @pytest.mark.parametrize("lanes, registers", [(4, 32), (8, 16), (16, 32)])  # NEON/AVX2/512
 @pytest.mark.parametrize("n", [40, 96, 128])  # panels of 8, 32 and 64 or 16 weight rows
 def test_register_tiled_gemm_any_vector_unit(lanes, registers, n):
-    k = 64
+    k = 128  # two blocks of 64 for the AVX-512 panels' transposition
     kernel = tvm.compile(nt_gemm(n, k, "float32", lanes, registers).with_attr(
         "global_symbol", "gemm"), target="llvm")
     rng = np.random.default_rng(lanes)
