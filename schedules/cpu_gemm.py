@@ -2,7 +2,8 @@
 
 Long prefills (``m`` >= PANEL_MIN_TOKENS) run a panel GEMM: x is converted to float32 once,
 then each parallel task takes a panel of ``NB`` weight rows (four machine vectors: 64 on
-AVX-512, 16 on NEON; two on AVX2: 16), transposes it into a float32 scratch ``[k, NB]``, and
+AVX-512, 16 on NEON; two on AVX2: 16), transposes it into a float32 scratch ``[k, NB]``
+(``panel_transposition``: by shuffles with AVX-512), and
 walks the tokens in tiles of ``MT`` = 6 rows with an ``MT x NB`` accumulator in vector
 registers: per step of k one broadcast x value per row meets the panel's vectors of W, so the
 FMAs need no conversion and no horizontal sums (1.4 to 1.6x the GFLOP/s of the previous 4x4
@@ -173,10 +174,11 @@ def panel_transposition(rows: int, k: int, lanes: int):
     """A TVMScript macro ``transpose(w, wp, nb)``: weight rows ``nb * rows`` on, converted to
     float32 and transposed into ``wp[k, rows]``. With AVX-512, blocks of 16 rows x 64 k go
     through ``amx_gemm.TRANSPOSE`` (four 16 x 16 tiles by shuffles; rows read and the panel
-    written a vector at a time): the gather across the panel's 64 rows it replaces made a Zen
-    4's float32-FMA GEMMs 1.5-2.0x slower at 128 tokens, 2.3-2.9x at 64 (1.15-1.28x at 512).
-    Narrower vectors keep that gather, one element at a time: on AVX2 (a 16-row panel) the
-    shuffles measured the same at 64 and 128 tokens and up to 12 % slower at 512."""
+    written a vector at a time): the gather across the panel's 64 rows it replaces (a scalar
+    load and an insert per element) made a Zen 4's float32-FMA GEMMs 1.5-2.0x slower at 128
+    tokens, 2.3-2.9x at 64 (1.15-1.28x at 512). Narrower vectors keep that gather: on AVX2 (a
+    16-row panel) the shuffles measured the same at 64 and 128 tokens and up to 12 % slower at
+    512."""
     T16, KB = amx_gemm.TILE, 4 * amx_gemm.TILE
     if lanes < 16 or rows % T16 or k % KB:
         @T.macro
