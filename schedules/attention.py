@@ -38,14 +38,17 @@ and 0.025 against 0.054 at 100; on the Zen 5 host, scoring from the pages took i
 
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from qwen3c.schedules.fast_math import LOG2E, exp2_nonpositive
 from qwen3c.schedules.lane_sum import fold_lanes
+from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
 from qwen3c.schedules.scratch import stack_buffer
 
 KEY_BLOCK = 32  # keys scored at once: two AVX-512 vectors per query row
+DECODE_AHEAD = 32  # keys: decode prefetches the key and value rows this far ahead
 TARGET_ROWS = 4  # query rows per task where the group size allows
 
 
@@ -411,9 +414,14 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
     across lanes), and its values are converted into float32 scratch for ``_fold_block``.
     Gathering the keys transposed instead, as prefill's scoring wants, cost a scalar store per
     element: that made the kernel 3x slower than the memory at 1000 keys. Keys past the
-    context repeat its last key, and the rows see none of them."""
+    context repeat its last key, and the rows see none of them. Each key prefetches the key
+    and value rows DECODE_AHEAD keys on (pages need not be consecutive, and a task reads its
+    two streams a page at a time): Zen 4, 0.6B shape, caches from memory, 2048 keys 0.47 ->
+    0.31 ms (18 -> 27 GB/s), 8192 keys 1.76 -> 1.06 ms (19 -> 32 GB/s); 16 to 64 keys ahead
+    measured alike."""
     H, D, G, P, KB = num_heads, head_dim, num_heads // num_kv_heads, page_size, KEY_BLOCK
     VL = _lanes(D)
+    per_line = max(1, CACHE_LINE // (tvm.DataType(dtype).bits // 8))  # elements
     fold, store, sum_lanes = _fold_block(G, D), _store_row(D, dtype), fold_lanes(VL)
 
     @T.prim_func(private=True, s_tir=True)
@@ -470,6 +478,11 @@ def paged_decode_attention(num_kv_heads: int, num_heads: int, head_dim: int, dty
                     for j in range(KB):
                         key: T.let = T.min(block * KB + j, length - 1)
                         page: T.let = page_values[first_page + key // P]
+                        ahead: T.let = T.min(key + DECODE_AHEAD, length - 1)
+                        ahead_page: T.let = page_values[first_page + ahead // P]
+                        for part, line in T.grid(2, D // per_line):
+                            T.evaluate(prefetch_to_l2(T.address_of(
+                                pages[ahead_page, part, g, ahead % P, line * per_line])))
                         for r in T.unroll(G):
                             for lane in T.vectorized(VL):
                                 dots[r, lane] = T.float32(0)
