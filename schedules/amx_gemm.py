@@ -121,8 +121,8 @@ def _transpose_ir() -> str:
     return "\n".join([*lines, "  ret void", "}"])
 
 
-IMPORT = {"pragma_import_llvm": _IR + _transpose_ir()}
 TRANSPOSE_IMPORT = {"pragma_import_llvm": _transpose_ir()}  # for kernels without tiles
+IMPORT = {"pragma_import_llvm": _IR + TRANSPOSE_IMPORT["pragma_import_llvm"]}
 
 
 def has_tiles(target: tvm.target.Target) -> bool:

@@ -71,9 +71,7 @@ def products_for(target: tvm.target.Target, dtype: str, head_dim: int) -> Produc
     """What runs prefill attention's products over ``dtype`` heads of ``head_dim`` for
     ``target``: AMX tiles where the CPU has them, ``vdpbf16ps`` where ``bf16_dot``'s kernels
     pay, else None (``attention.py``'s vector kernels)."""
-    if dtype != "bfloat16" or not bf16_dot.available(target, dtype, head_dim):
-        return None
-    if amx_gemm.has_tiles(target):
+    if amx_gemm.has_tiles(target) and bf16_dot.available(target, dtype, head_dim):
         return AMX
     return VDPBF16PS if bf16_dot.usable(target, dtype, head_dim) else None
 
