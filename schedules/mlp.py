@@ -31,25 +31,27 @@ from qwen3c.schedules.cpu_gemm import (
     relax_function_pass,
     vector_unit,
 )
+from qwen3c.schedules.rows import each_row
 
-SWIGLU_SPLIT = 4  # parallel SwiGLU tasks per token (decode has one token)
+SWIGLU_CHUNKS = 4  # a token's SwiGLU runs in this many vectorised chunks
 
 
 def swiglu_rows(intermediate: int, dtype: str):
-    """A TVMScript macro: act[t] = silu(y[t, :I]) * y[t, I:] for n tokens, in float32, in
-    parallel (SWIGLU_SPLIT tasks per token) and vectorised (``fast_math``'s sigmoid)."""
+    """A TVMScript macro ``run(n, y, act)``: act[t] = silu(y[t, :I]) * y[t, I:] for n tokens,
+    in float32, vectorised (``fast_math``'s sigmoid); a task per token in a prefill, on the
+    calling thread for decode (``rows.each_row``)."""
     I = intermediate
-    S = SWIGLU_SPLIT if I % SWIGLU_SPLIT == 0 else 1
+    S = SWIGLU_CHUNKS if I % SWIGLU_CHUNKS == 0 else 1
 
     @T.macro
-    def run(y, act, n):
-        for task in T.parallel(n * S):
+    def token(t, y, act):
+        for chunk in range(S):
             for i in T.vectorized(I // S):
-                act[task // S, task % S * (I // S) + i] = T.Cast(dtype, moe.swiglu(
-                    T.Cast("float32", y[task // S, task % S * (I // S) + i]),
-                    T.Cast("float32", y[task // S, I + task % S * (I // S) + i])))
+                act[t, chunk * (I // S) + i] = T.Cast(dtype, moe.swiglu(
+                    T.Cast("float32", y[t, chunk * (I // S) + i]),
+                    T.Cast("float32", y[t, I + chunk * (I // S) + i])))
 
-    return run
+    return each_row(token)
 
 
 @functools.cache
@@ -77,7 +79,7 @@ def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
             T.writes()
             y = T.sblock_alloc_buffer((n, T.int64(2 * I)), OUT_DTYPE)
             body(x, weight, y, n)
-            activate(y, act, n)
+            activate(n, y, act)
 
     return gate_up
 
@@ -98,7 +100,7 @@ def swiglu(intermediate: int, dtype: str) -> tirx.PrimFunc:
         with T.sblock("swiglu"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()
-            activate(y, act, n)
+            activate(n, y, act)
 
     return kernel
 

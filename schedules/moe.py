@@ -32,6 +32,7 @@ from qwen3c.schedules import amx_gemm, bf16_dot
 from qwen3c.schedules.fast_math import sigmoid
 from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.prefetch import prefetch_to_l2
+from qwen3c.schedules.rows import each_row
 from qwen3c.schedules.scratch import stack_buffer
 
 ROWS = 16
@@ -74,9 +75,19 @@ def route_token(num_experts: int, top_k: int, normalize: bool):
 
 @functools.cache
 def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
-    """``route_token`` for every token, tokens in parallel."""
+    """``route_token`` for every token (in parallel in a prefill, ``rows.each_row``)."""
     E, K = num_experts, top_k
     route_one = route_token(E, K, normalize)
+
+    @T.macro
+    def route_row(t, logits, weights, experts):
+        with T.sblock("route"):
+            probs = T.sblock_alloc_buffer((E,), "float32")
+            stat = T.sblock_alloc_buffer((2,), "float32")  # running max, then sums
+            best = T.sblock_alloc_buffer((1,), "int32")
+            route_one(logits, weights, experts, probs, stat, best, t)
+
+    route_rows = each_row(route_row)
 
     @T.prim_func(private=True, s_tir=True)
     def route(var_logits: T.handle, var_weights: T.handle, var_experts: T.handle):
@@ -86,12 +97,7 @@ def moe_route(num_experts: int, top_k: int, normalize: bool) -> tirx.PrimFunc:
         logits = T.match_buffer(var_logits, (n, T.int64(E)), "float32")
         weights = T.match_buffer(var_weights, (n, T.int64(K)), "float32")
         experts = T.match_buffer(var_experts, (n, T.int64(K)), "int32")
-        for t in T.parallel(n):
-            with T.sblock("route"):
-                probs = T.sblock_alloc_buffer((E,), "float32")
-                stat = T.sblock_alloc_buffer((2,), "float32")  # running max, then sums
-                best = T.sblock_alloc_buffer((1,), "int32")
-                route_one(logits, weights, experts, probs, stat, best, t)
+        route_rows(n, logits, weights, experts)
 
     return route
 
@@ -507,12 +513,24 @@ def moe_down_scatter(num_experts: int, top_k: int, hidden: int, intermediate: in
     return down_kernel(E, K, H, I, dtype, (H, I), experts)
 
 
+def cleared_rows(width: int):
+    """A TVMScript macro ``run(n, out)`` zeroing the first n rows of ``out`` [., width]."""
+
+    @T.macro
+    def clear(t, out):
+        for h in T.vectorized(width):
+            out[t, h] = T.float32(0)
+
+    return each_row(clear)
+
+
 def down_kernel(num_experts: int, top_k: int, hidden: int, intermediate: int, dtype: str,
                 weight_shape: tuple[int, ...], experts) -> tirx.PrimFunc:
     """The grouped down projection + weighted scatter-add kernel around ``experts(act, weight,
     offsets, out, routing, order, rows, tokens)`` (``out`` zeroed first), each expert's weight
     stored in ``weight_shape``."""
     E, K, H, I = num_experts, top_k, hidden, intermediate
+    clear_rows = cleared_rows(H)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, weight: T.Buffer((E, *weight_shape), dtype),
@@ -524,9 +542,7 @@ def down_kernel(num_experts: int, top_k: int, hidden: int, intermediate: int, dt
         order = T.match_buffer(var_order, (n * T.int64(K),), "int32")
         routing = T.match_buffer(var_routing, (n, T.int64(K)), "float32")
         out = T.match_buffer(var_out, (n, T.int64(H)), "float32")
-        for t in T.parallel(n):
-            for h in T.vectorized(H):
-                out[t, h] = T.float32(0)
+        clear_rows(n, out)
         with T.sblock("down"):
             T.reads()  # runs once; nothing schedules this block
             T.writes()

@@ -14,7 +14,13 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules.moe import expert_regions, paired_rows, scatter_add, swiglu_store
+from qwen3c.schedules.moe import (
+    cleared_rows,
+    expert_regions,
+    paired_rows,
+    scatter_add,
+    swiglu_store,
+)
 from qwen3c.schedules.quant import (
     ROWS_PER_TASK,
     SCALE_DTYPE,
@@ -25,6 +31,7 @@ from qwen3c.schedules.quant import (
     activation_width,
     tiled_row_dots,
 )
+from qwen3c.schedules.rows import each_row
 
 
 def each_expert(num_experts: int, features: int, width: int, run):
@@ -63,7 +70,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
     P = ROWS_PER_TASK // 2
     QN, QH = scheme.storage_shape(2 * I, H)
-    quantize = activation_quantizer(scheme, H, dots)
+    quantize_rows = each_row(activation_quantizer(scheme, H, dots))
     run = tiled_row_dots(scheme, H, 2 * P, dots, paired_rows(I, P), True,
                          swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, run)
@@ -81,8 +88,7 @@ def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermedia
             xa = T.sblock_alloc_buffer((n, T.int64(activation_width(scheme, H, dots))), "int8")
             x_scale = T.sblock_alloc_buffer((n, T.int64(H // G)), "float32")
             x_offset = T.sblock_alloc_buffer((n, T.int64(H // G)), "int32")
-            for t in T.parallel(n):
-                quantize(x, t, t, xa, x_scale, x_offset, n)
+            quantize_rows(n, x, xa, x_scale, x_offset, n)
             experts(q, scale, xa, x_scale, x_offset, offsets, act, None, order, n)
 
     return gate_up
@@ -98,10 +104,11 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
     NG = ROWS_PER_TASK
     QN, QI = scheme.storage_shape(H, I)
-    quantize = activation_quantizer(scheme, I, dots)
+    quantize_rows = each_row(activation_quantizer(scheme, I, dots))
     run = tiled_row_dots(scheme, I, NG, dots, lambda base, j: T.min(base + j, H - 1), True,
                          scatter_add(H, NG, K), NG)
     experts = each_expert(E, H, NG, run)
+    clear_rows = cleared_rows(H)
 
     @T.prim_func(private=True, s_tir=True)
     def down(var_act: T.handle, q: T.Buffer((E, QN, QI), "uint8"),
@@ -118,12 +125,8 @@ def quantized_down_scatter(num_experts: int, top_k: int, hidden: int, intermedia
                                        "int8")
             x_scale = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I // G)), "float32")
             x_offset = T.sblock_alloc_buffer((n * T.int64(K), T.int64(I // G)), "int32")
-            for t in T.parallel(n):
-                for h in T.vectorized(H):
-                    out[t, h] = T.float32(0)
-            for r in T.parallel(n * T.int64(K)):
-                if r < T.Cast("int64", offsets[E]):
-                    quantize(act, r, r, xa, x_scale, x_offset, n)
+            clear_rows(n, out)
+            quantize_rows(T.Cast("int64", offsets[E]), act, xa, x_scale, x_offset, n)
             experts(q, scale, xa, x_scale, x_offset, offsets, out, routing, order, n)
 
     return down

@@ -24,6 +24,7 @@ from qwen3c.schedules.cpu_gemm import (
     kernel_once,
     relax_function_pass,
 )
+from qwen3c.schedules.rows import each_row
 from qwen3c.schedules.scratch import stack_buffer
 
 
@@ -35,6 +36,26 @@ def qk_norm(q_heads: int, kv_heads: int, head_dim: int, eps: float,
     H, KV, D = q_heads, kv_heads, head_dim
     W = (H + 2 * KV) * D
 
+    @T.macro
+    def normalise(t, qkv, w_q, w_k, y):
+        with T.sblock("token"):
+            T.reads()  # a task per token; nothing schedules this block
+            T.writes()
+            squares = stack_buffer((1,), "float32")
+            for h in range(H + KV):
+                squares[0] = T.float32(0)
+                for i in range(D):
+                    squares[0] = squares[0] + T.Cast("float32", qkv[t, h * D + i]) * T.Cast(
+                        "float32", qkv[t, h * D + i])
+                scale: T.let = T.rsqrt(squares[0] / T.float32(D) + T.float32(eps))
+                for i in T.vectorized(D):
+                    y[t, h * D + i] = T.Cast(dtype, T.Cast("float32", qkv[t, h * D + i])
+                                             * scale * T.if_then_else(h < H, w_q[i], w_k[i]))
+            for i in T.vectorized(KV * D):
+                y[t, (H + KV) * D + i] = qkv[t, (H + KV) * D + i]
+
+    normalise_rows = each_row(normalise)
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_qkv: T.handle, w_q: T.Buffer((D,), "float32"),
                w_k: T.Buffer((D,), "float32"), var_y: T.handle):
@@ -42,22 +63,7 @@ def qk_norm(q_heads: int, kv_heads: int, head_dim: int, eps: float,
         n = T.int64()
         qkv = T.match_buffer(var_qkv, (n, T.int64(W)), dtype)
         y = T.match_buffer(var_y, (n, T.int64(W)), dtype)
-        for t in T.parallel(n):
-            with T.sblock("token"):
-                T.reads()  # a task per token; nothing schedules this block
-                T.writes()
-                squares = stack_buffer((1,), "float32")
-                for h in range(H + KV):
-                    squares[0] = T.float32(0)
-                    for i in range(D):
-                        squares[0] = squares[0] + T.Cast("float32", qkv[t, h * D + i]) * T.Cast(
-                            "float32", qkv[t, h * D + i])
-                    scale: T.let = T.rsqrt(squares[0] / T.float32(D) + T.float32(eps))
-                    for i in T.vectorized(D):
-                        y[t, h * D + i] = T.Cast(dtype, T.Cast("float32", qkv[t, h * D + i])
-                                                 * scale * T.if_then_else(h < H, w_q[i], w_k[i]))
-                for i in T.vectorized(KV * D):
-                    y[t, (H + KV) * D + i] = qkv[t, (H + KV) * D + i]
+        normalise_rows(n, qkv, w_q, w_k, y)
 
     return kernel
 

@@ -25,6 +25,7 @@ from qwen3c.schedules.cpu_gemm import (
     token_count,
 )
 from qwen3c.schedules.lane_sum import fold_lanes
+from qwen3c.schedules.rows import each_row
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES = 16  # float32 partial sums of squares (one AVX-512 vector)
@@ -34,13 +35,13 @@ LANES = 16  # float32 partial sums of squares (one AVX-512 vector)
 def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx.PrimFunc:
     """s = x + y and out = s / rms(s) · w over rows of ``hidden``: y is rounded to the model
     dtype first and s after the add (as HF adds a projection's output to the residual), the
-    statistics are float32. One task per token when there are several."""
+    statistics are float32. One task per token in a prefill (``rows.each_row``)."""
     H = hidden
     CHUNKS = H // LANES
     fold = fold_lanes(LANES)
 
     @T.macro
-    def normalise(x, y, w, s, out, t):
+    def normalise(t, x, y, w, s, out):
         with T.sblock("token"):
             T.reads()  # one token per call; nothing schedules this block
             T.writes()
@@ -60,6 +61,8 @@ def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx
             for i in T.vectorized(H):
                 out[t, i] = T.Cast(dtype, T.Cast("float32", s[t, i]) * scale * w[i])
 
+    normalise_rows = each_row(normalise)
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, var_y: T.handle, w: T.Buffer((H,), "float32"),
                var_s: T.handle, var_out: T.handle):
@@ -69,12 +72,7 @@ def add_rms_norm(hidden: int, eps: float, dtype: str, addend_dtype: str) -> tirx
         y = T.match_buffer(var_y, (n, T.int64(H)), addend_dtype)
         s = T.match_buffer(var_s, (n, T.int64(H)), dtype)
         out = T.match_buffer(var_out, (n, T.int64(H)), dtype)
-        if n > 1:
-            for t in T.parallel(n):
-                normalise(x, y, w, s, out, t)
-        else:  # decode: no parallel launch for one token
-            for t in range(n):
-                normalise(x, y, w, s, out, t)
+        normalise_rows(n, x, y, w, s, out)
 
     return kernel
 
