@@ -49,6 +49,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -60,11 +62,13 @@ from tvm.target import codegen
 from qwen3c.schedules.lane_sum import fold_lanes
 from qwen3c.schedules.moe import same_row
 from qwen3c.schedules.prefetch import CACHE_LINE, prefetch_to_l2
+from qwen3c.schedules.rows import each_row
 from qwen3c.schedules.scratch import stack_buffer
 
 SCALE_DTYPE = "bfloat16"
 TOP_SHIFTS = (2 * np.arange(4, dtype=np.uint8))[:, None]  # int6: step s's top bits at 2 (s % 4)
 SHRINKS = (0.95, 0.9, 0.85, 0.8, 0.75)  # int4/int6 scales tried below the exact-extreme one
+QUANTIZE_ROWS = 256  # weight rows quantized at once (in cache)
 ROWS_PER_TASK = 16  # weight rows per parallel task (int8 lm_head of 151936 rows streamed from
 #                   memory: 9.6 ms with 8, 7.3 with 16, 7.8 with 32; prefill 6144x1024 at 128
 #                   tokens 1.15x faster than 8)
@@ -128,29 +132,45 @@ class QuantScheme:
 
 def quantize(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
     """(integers in storage layout, scales) for a float weight [..., N, K], row by row (the
-    leading axes, e.g. experts, are kept)."""
+    leading axes, e.g. experts, are kept). Chunks of rows are quantized on all cores (numpy
+    releases the GIL) and in cache: a 6144x1024 int4 weight took 0.47 s in one piece on the Zen
+    4 host."""
     *lead, k = weight.shape
     n = int(np.prod(lead))
-    groups = weight.astype(np.float32).reshape(n, k // scheme.group, scheme.group)
-    if scheme.bits == 8:
-        scale, q = _rounded(groups, np.abs(groups).max(axis=-1, keepdims=True) / 127, scheme)
-    else:
-        # The largest magnitude maps to the lowest level (-8, -32), so all levels are used;
-        # then a few smaller scales are tried (clipping that one element a little) and the
-        # least squared error per group wins, which helps groups with one outlier.
-        extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
-        scale, q = _rounded(groups, extreme / -scheme.qmin, scheme)
-        best = _squared_error(groups, scale, q)
-        for shrink in SHRINKS:
-            trial_scale, trial_q = _rounded(groups, extreme / -scheme.qmin * shrink, scheme)
-            error = _squared_error(groups, trial_scale, trial_q)
-            better = error < best
-            scale = np.where(better, trial_scale, scale)
-            q = np.where(better, trial_q, q)
-            best = np.minimum(error, best)
+    groups = weight.reshape(n, k // scheme.group, scheme.group)
+    q = np.empty(groups.shape, np.int16)
+    scale = np.empty((n, k // scheme.group, 1), np.float32)
+
+    def quantize_rows(first: int) -> None:
+        rows = slice(first, first + QUANTIZE_ROWS)
+        scale[rows], q[rows] = _quantized_groups(groups[rows].astype(np.float32), scheme)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(quantize_rows, range(0, n, QUANTIZE_ROWS)))
     stored = (q.reshape(n, k) + scheme.offset).astype(np.uint8)
     return (_interleave(stored, scheme).reshape(*lead, -1),
             scale.reshape(*lead, k // scheme.group).astype(ml_dtypes.bfloat16))
+
+
+def _quantized_groups(groups: np.ndarray,
+                      scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, integers) of float32 ``groups`` [rows, groups, G]."""
+    if scheme.bits == 8:
+        return _rounded(groups, np.abs(groups).max(axis=-1, keepdims=True) / 127, scheme)
+    # The largest magnitude maps to the lowest level (-8, -32), so all levels are used; then a
+    # few smaller scales are tried (clipping that one element a little) and the least squared
+    # error per group wins, which helps groups with one outlier.
+    extreme = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
+    scale, q = _rounded(groups, extreme / -scheme.qmin, scheme)
+    best = _squared_error(groups, scale, q)
+    for shrink in SHRINKS:
+        trial_scale, trial_q = _rounded(groups, extreme / -scheme.qmin * shrink, scheme)
+        error = _squared_error(groups, trial_scale, trial_q)
+        better = error < best
+        scale = np.where(better, trial_scale, scale)
+        q = np.where(better, trial_q, q)
+        best = np.minimum(error, best)
+    return scale, q
 
 
 def _rounded(groups: np.ndarray, scale: np.ndarray,
@@ -289,7 +309,7 @@ def activation_width(scheme: QuantScheme, k: int, dots: IntegerDots) -> int:
 
 
 def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
-    """A TVMScript macro quantizing row ``src`` of ``x`` [., k] into row ``r`` of ``xa`` (int8
+    """A TVMScript macro quantizing row ``r`` of ``x`` [., k] into row ``r`` of ``xa`` (int8
     levels in the interleaved order, ``activation_width`` bytes), ``x_scale`` and ``x_offset``
     (offset · Σ levels), one group of G at a time: scale max|x| / 127, as llama.cpp's q8_0.
     ``tokens`` is the most rows one weight row meets in the call: below TILE_TOKENS (decode)
@@ -299,7 +319,7 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
     magnitudes = keeps_magnitudes(scheme, k, dots)
 
     @T.macro
-    def quantize(x, src, r, xa, x_scale, x_offset, tokens):
+    def quantize(r, x, xa, x_scale, x_offset, tokens):
         for group in range(k // G):
             with T.sblock("quantize_x"):
                 T.reads()  # independent groups; nothing schedules this block
@@ -308,14 +328,14 @@ def activation_quantizer(scheme: QuantScheme, k: int, dots: IntegerDots):
                 total = stack_buffer((1,), "int32")
                 top[0] = T.float32(0)
                 for i in range(G):
-                    top[0] = T.max(top[0], T.abs(T.Cast("float32", x[src, group * G + i])))
+                    top[0] = T.max(top[0], T.abs(T.Cast("float32", x[r, group * G + i])))
                 x_scale[r, group] = top[0] / T.float32(127)
                 inverse: T.let = T.if_then_else(top[0] > T.float32(0),
                                                 T.float32(127) / top[0], T.float32(0))
                 total[0] = 0
                 for i in range(G):
                     at: T.let = _position(group, i, scheme, LANES)
-                    xa[r, at] = T.Cast("int8", T.round(T.Cast("float32", x[src, group * G + i])
+                    xa[r, at] = T.Cast("int8", T.round(T.Cast("float32", x[r, group * G + i])
                                                        * inverse))
                     total[0] = total[0] + T.Cast("int32", xa[r, at])
                 x_offset[r, group] = total[0] * offset
@@ -532,7 +552,7 @@ def integer_projection(n: int, k: int, scheme: QuantScheme, dots: IntegerDots,
     projection and token)."""
     assert scheme.fits(n, k), (n, k, scheme)
     N, K, G, NG = n, k, scheme.group, ROWS_PER_TASK
-    quantize = activation_quantizer(scheme, K, dots)
+    quantize_rows = each_row(activation_quantizer(scheme, K, dots))
 
     @T.macro
     def store(y, routing, order, dots, first, t0, count, base, tokens):
@@ -550,8 +570,7 @@ def integer_projection(n: int, k: int, scheme: QuantScheme, dots: IntegerDots,
                                        "int8")  # levels, interleaved (then |levels|)
             x_scale = T.sblock_alloc_buffer((m, T.int64(K // G)), "float32")
             x_offset = T.sblock_alloc_buffer((m, T.int64(K // G)), "int32")
-            for t in T.parallel(m):  # tokens of a prefill in parallel
-                quantize(x, t, t, xa, x_scale, x_offset, m)
+            quantize_rows(m, x, xa, x_scale, x_offset, m)
             for task in T.parallel(N // NG):
                 with T.sblock("rows"):
                     T.reads()  # independent tasks; nothing schedules this block
