@@ -185,7 +185,7 @@ def activations_as_int8(x: np.ndarray, group: int) -> np.ndarray:
 @pytest.mark.parametrize("scheme", [s for s in KERNEL_SCHEMES if s.group == 32],
                          ids=lambda s: f"int{s.bits}")
 @pytest.mark.parametrize("dots", list(IntegerDots), ids=lambda d: d.value)
-@pytest.mark.parametrize("n", [1, 2, 13])  # a decode, two (one parallel region), tiles
+@pytest.mark.parametrize("n", [1, 2, 13])  # a decode; two tokens; tiles, rows in parallel
 def test_quantized_expert_kernels_match_numpy(scheme, dots, n):
     """Grouped gate_up + SwiGLU and down + weighted scatter over quantized experts. Hidden 128
     (4 groups: blocks of 4, the xmm-wide VNNI or SSSE3 dot products) and intermediate 96 (3
