@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import QuantParam
 from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
+from qwen3c.runtime.host_memory import HugePageArena
 from qwen3c.targets import TargetChoice, get_target
 
 FORMAT_VERSION = 6
@@ -37,6 +39,10 @@ class ParamInfo:
     shard: ShardSpec | None = None
     quant: QuantParam | None = None  # integers or scales of a quantized weight
     layout: str | None = None  # a kernel's layout of the weight (schedules/bf16_panel.py)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * tvm.DataType(self.dtype).bits // 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +158,16 @@ def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device,
     Read one tensor at a time, each from a fresh mapping of its file: the mapping's pages
     count as this process's memory while it is open, so reading all tensors through one
     mapping (or loading whole files) held a second copy of the weights at the peak (0.6B
-    bf16: peak RSS 2.62 GB; now the weights plus one tensor)."""
+    bf16: peak RSS 2.62 GB; now the weights plus one tensor). Host weights go into one
+    huge-page arena (``host_memory.py``)."""
     files = {}
     for name in manifest.weight_files[shard]:
         with safe_open(str(directory / name), framework="numpy") as handle:
             files.update(dict.fromkeys(handle.keys(), directory / name))
+    arena = None
+    if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+        arena = HugePageArena(sum(HugePageArena.footprint(param.nbytes)
+                                  for param in manifest.params))
     tensors = []
     for param in manifest.params:
         array = None
@@ -166,5 +177,6 @@ def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device,
         if array is None or tuple(array.shape) != param.shape or str(array.dtype) != param.dtype:
             raise ArtifactError(f"weight {param.name!r} in {directory} does not match the "
                                 "manifest; recompile the artifact")
-        tensors.append(tvm.runtime.tensor(array, device))
+        tensors.append(arena.tensor(array, param.dtype) if arena
+                       else tvm.runtime.tensor(array, device))
     return tensors
