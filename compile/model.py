@@ -87,12 +87,15 @@ class Linear(nn.Linear):
         return y.astype(self.weight_dtype)
 
 
-def quantized_params(rows: int, cols: int, scheme: QuantScheme,
-                     lead: tuple[int, ...] = ()) -> tuple[nn.Parameter, nn.Parameter]:
-    """The integers and scales of a [*lead, rows, cols] weight (``lead``: e.g. experts)."""
+def quantized_params(rows: int, cols: int, scheme: QuantScheme, lead: tuple[int, ...] = (),
+                     layout: str | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+    """The integers and scales of a [*lead, rows, cols] weight (``lead``: e.g. experts), its
+    rows in the order of ``layout`` (``quant.LAYOUTS``) if given."""
     values = nn.Parameter((*lead, *scheme.storage_shape(rows, cols)), scheme.storage_dtype)
     scales = nn.Parameter((*lead, *scheme.scale_shape(rows, cols)), quant.SCALE_DTYPE)
     mark_quantized(values, scales, scheme)
+    if layout:
+        values.attrs[LAYOUT_ATTR] = scales.attrs[LAYOUT_ATTR] = layout
     return values, scales
 
 
@@ -102,22 +105,44 @@ class QuantLinear(nn.Module):
     group; on a CPU with AMX, prefills of ``quant_tiles.MIN_TOKENS`` or more multiply bfloat16
     rows rebuilt from the integers on the tiles instead (``schedules/quant_tiles.py``). Sums
     are float32; the result is in ``out_dtype`` (the model dtype unless given), rounded by the
-    kernel unless a bias is added first."""
+    kernel unless a bias is added first.
+
+    A ``gate_up`` projection is used through ``swiglu``; where its prefills take no AMX tiles
+    its rows are stored in ``quant.GATE_UP_LAYOUT`` for the fused kernel."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: str,
-                 scheme: QuantScheme, out_dtype: str | None = None):
+                 scheme: QuantScheme, out_dtype: str | None = None, gate_up: bool = False):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.scheme, self.out_dtype = dtype, scheme, out_dtype or dtype
-        self.weight, self.weight_scale = quantized_params(out_features, in_features, scheme)
+        self.tiles = quant_tiles.usable(Target.current(), scheme, dtype, out_features,
+                                        in_features)
+        self.fused_swiglu = gate_up and not self.tiles
+        self.weight, self.weight_scale = quantized_params(
+            out_features, in_features, scheme,
+            layout=quant.GATE_UP_LAYOUT if self.fused_swiglu else None)
         self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        assert not self.fused_swiglu, "rows in GATE_UP_LAYOUT: use swiglu()"
         N, K, target = self.out_features, self.in_features, Target.current()
-        tiles = quant_tiles.usable(target, self.scheme, self.dtype, N, K)
-        matmul = quant_tiles.quantized_matmul if tiles else quant.quantized_matmul
+        matmul = quant_tiles.quantized_matmul if self.tiles else quant.quantized_matmul
         return kernel_projection(
             x, N, self.bias, self.out_dtype, "quantized_matmul",
             lambda sums: matmul(N, K, self.scheme, self.dtype, quant.integer_dots(target), sums),
+            self.weight, self.weight_scale)
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(gate) * up of this gate_up projection in one kernel, from its float32 sums
+        (``quant.dense_gate_up_silu``); with AMX tiles, the projection and SwiGLU after it."""
+        H, I, target = self.in_features, self.out_features // 2, Target.current()
+        assert self.bias is None, "Qwen3's MLP has no bias"
+        if not self.fused_swiglu:
+            gate, up = op.split(self(x), indices_or_sections=2, axis=-1)
+            return op.silu(gate) * up
+        return kernel_projection(
+            x, I, None, self.dtype, "dense_gate_up_silu",
+            lambda _: quant.dense_gate_up_silu(H, I, self.scheme, self.dtype,
+                                               quant.integer_dots(target)),
             self.weight, self.weight_scale)
 
 
@@ -206,14 +231,14 @@ class Build:
 
 
 def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
-               all_reduce: bool = False) -> nn.Module:
+               all_reduce: bool = False, gate_up: bool = False) -> nn.Module:
     """A quantized projection where the build asks for one and the shape fits its kernels,
     else one on bfloat16 panels where the build stores them (one shard only: the panels are
-    cut from the whole weight), else the plain one."""
+    cut from the whole weight), else the plain one. ``gate_up``: the MLP's, for SwiGLU."""
     scheme = build.quant
     if scheme is not None and scheme.fits(out_features, in_features) and not all_reduce:
         return QuantLinear(in_features, out_features, bias=bias, dtype=build.dtype,
-                           scheme=scheme)
+                           scheme=scheme, gate_up=gate_up)
     if (build.panels and build.parallel.shards == 1
             and bf16_panel.fits(out_features, in_features)):
         return PanelLinear(in_features, out_features, bias=bias, dtype=build.dtype)
@@ -305,17 +330,18 @@ class Qwen3MLP(nn.Module):
     def __init__(self, config: Qwen3Config, build: Build):
         shards = build.parallel.shards
         rows = config.intermediate_size // shards
-        self.gate_up_proj = projection(config.hidden_size, 2 * rows, bias=False, build=build)
+        self.gate_up_proj = projection(config.hidden_size, 2 * rows, bias=False, build=build,
+                                       gate_up=True)
         self.down_proj = projection(rows, config.hidden_size, bias=False, build=build,
                                     all_reduce=shards > 1)
         shard(self.gate_up_proj.weight, 0, rows, rows)
         shard(self.down_proj.weight, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.gate_up_proj, PanelLinear):  # no matmul for the rewrite to find
+        if isinstance(self.gate_up_proj, PanelLinear | QuantLinear):  # their own kernels
             return self.down_proj(self.gate_up_proj.swiglu(x))
         gate, up = op.split(self.gate_up_proj(x), indices_or_sections=2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(op.silu(gate) * up)  # mlp.fuse_gate_up_silu rewrites this
 
 
 class Qwen3MoeExperts(nn.Module):
@@ -343,8 +369,8 @@ class Qwen3MoeExperts(nn.Module):
         scheme = build.quant
         self.scheme = scheme if scheme and H % scheme.group == I % scheme.group == 0 else None
         if self.scheme:  # quantization is never sharded (LlvmTarget.check_quantization)
-            self.gate_up_proj, self.gate_up_proj_scale = quantized_params(2 * I, H, self.scheme,
-                                                                          (E,))
+            self.gate_up_proj, self.gate_up_proj_scale = quantized_params(
+                2 * I, H, self.scheme, (E,), quant.GATE_UP_LAYOUT)
             self.down_proj, self.down_proj_scale = quantized_params(H, I, self.scheme, (E,))
             return
         self.panels = (build.panels and parallel.shards == 1

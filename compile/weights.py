@@ -24,6 +24,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import CheckpointError
 from qwen3c.runtime.artifact import ParamInfo
 from qwen3c.schedules import bf16_panel
+from qwen3c.schedules.quant import LAYOUTS as QUANT_LAYOUTS
 from qwen3c.schedules.quant import quantize
 
 # Our fused module → the HF modules whose weights are concatenated (output axis) to make it.
@@ -196,6 +197,8 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             if float_name not in quantized:
                 weight = assemble(param, np.dtype(np.float32),
                                   param.quant.float_shape(param.shape))
+                if param.layout:  # the rows' order in the kernel's layout
+                    weight = QUANT_LAYOUTS[param.layout](weight)
                 quantized[float_name] = quantize(weight, param.quant.scheme)
             values, scales = quantized[float_name]
             if param.quant.role == "scales":

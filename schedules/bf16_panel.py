@@ -68,11 +68,7 @@ def to_panels(weight: np.ndarray) -> np.ndarray:
 def paired_halves(weight: np.ndarray) -> np.ndarray:
     """A [..., 2I, k] gate_up weight with its rows reordered so that each panel holds 32 gate
     rows and then the up rows of the same features (SwiGLU on one panel's sums)."""
-    *lead, rows, k = weight.shape
-    half = PANEL // 2
-    gate, up = (part.reshape(*lead, rows // 2 // half, half, k)
-                for part in np.split(weight, 2, axis=-2))
-    return np.concatenate([gate, up], axis=-2).reshape(*lead, rows, k)
+    return moe.paired_units(weight, PANEL // 2)
 
 
 LAYOUTS = {  # the manifest's layout name -> how a weight is stored in it

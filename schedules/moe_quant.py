@@ -17,11 +17,12 @@ from tvm.script import tirx as T
 from qwen3c.schedules.moe import (
     cleared_rows,
     expert_regions,
-    paired_rows,
     scatter_add,
     swiglu_store,
+    unit_rows,
 )
 from qwen3c.schedules.quant import (
+    GATE_UP_UNIT,
     ROWS_PER_TASK,
     SCALE_DTYPE,
     TILE_TOKENS,
@@ -64,14 +65,15 @@ def each_expert(num_experts: int, features: int, width: int, run):
 def quantized_gate_up_silu(num_experts: int, top_k: int, hidden: int, intermediate: int,
                            scheme: QuantScheme, dtype: str,
                            dots: IntegerDots) -> tirx.PrimFunc:
-    """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row; a
-    task's rows are P gate rows and the up rows of the same features. Each token's activations
-    are quantized once; grouped row r reads those of token ``order[r] // K``."""
+    """act[r] = silu(W1[e, :I] · x[token]) * (W1[e, I:] · x[token]) for each grouped row; W1
+    is stored in ``quant.GATE_UP_LAYOUT``: a task's rows are P gate rows and the up rows of
+    the same features, in one run. Each token's activations are quantized once; grouped row r
+    reads those of token ``order[r] // K``."""
     E, K, H, I, G = num_experts, top_k, hidden, intermediate, scheme.group
-    P = ROWS_PER_TASK // 2
+    P = GATE_UP_UNIT
     QN, QH = scheme.storage_shape(2 * I, H)
     quantize_rows = each_row(activation_quantizer(scheme, H, dots))
-    run = tiled_row_dots(scheme, H, 2 * P, dots, paired_rows(I, P), True,
+    run = tiled_row_dots(scheme, H, 2 * P, dots, unit_rows, True,
                          swiglu_store(I, P, dtype), P, lambda order, r: order[r] // K)
     experts = each_expert(E, I, P, run)
 
