@@ -327,10 +327,11 @@ def swiglu(gate, up):
 
 
 def swiglu_store(intermediate: int, pairs: int, dtype: str):
-    """An epilogue macro: act[row, feature] = silu(gate) * up from a tile's sums of
-    ``paired_rows`` (``routing`` and ``order`` unused). Where every unit is whole, a row's
-    features go in one vector (scalar, the quantized dense MLP's prefill-512 was 1.15x slower
-    than a projection and a separate SwiGLU kernel)."""
+    """An epilogue macro: act[row, feature] = silu(gate) * up from a tile's sums of a unit's
+    rows (``paired_rows`` or ``unit_rows``: ``pairs`` gate rows, then their up rows;
+    ``routing`` and ``order`` unused). Where every unit is whole, a row's features are stored
+    as one vector (element by element, and with gate and up rows read from two places, the
+    fused quantized dense MLP made 0.6B q4 prefill 0.87-0.90x the separate kernels)."""
     whole = intermediate % pairs == 0
 
     @T.macro
