@@ -20,7 +20,7 @@ from qwen3c.compile.config import Qwen3Config
 from qwen3c.compile.quantization import QuantParam
 from qwen3c.compile.sharding import Parallelism, ShardSpec
 from qwen3c.errors import ArtifactError, Qwen3cError
-from qwen3c.runtime.host_memory import HugePageArena
+from qwen3c.runtime.host_memory import HugePageArena, is_host
 from qwen3c.targets import TargetChoice, get_target
 
 FORMAT_VERSION = 6
@@ -165,7 +165,7 @@ def load_params(directory: Path, manifest: Manifest, device: tvm.runtime.Device,
         with safe_open(str(directory / name), framework="numpy") as handle:
             files.update(dict.fromkeys(handle.keys(), directory / name))
     arena = None
-    if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+    if is_host(device):
         arena = HugePageArena(sum(HugePageArena.footprint(param.nbytes)
                                   for param in manifest.params))
     tensors = []

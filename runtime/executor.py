@@ -22,6 +22,7 @@ from tvm.runtime import ShapeTuple
 
 from qwen3c.errors import TargetError, WorkerError
 from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params
+from qwen3c.runtime.host_memory import is_host
 from qwen3c.runtime.offload import attach_partitions
 from qwen3c.runtime.worker_side import take_failure
 from qwen3c.runtime.workers import WorkerProcesses, disco_module
@@ -181,7 +182,7 @@ class ShardedExecutor(Executor):
 def _host_view(tensor: tvm.runtime.Tensor) -> np.ndarray:
     """A numpy array of a result: a view of a CPU tensor's memory (it keeps the tensor alive),
     a copy from any other device; a view spares a copy of the logits every step."""
-    if tensor.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+    if is_host(tensor.device):
         return np.from_dlpack(tensor)
     return tensor.numpy()
 

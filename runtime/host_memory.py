@@ -20,6 +20,11 @@ TENSOR_ALIGN = 64  # bytes: TVM's tensor alignment (``from_dlpack`` refuses less
 HUGE_PAGE = 2 << 20
 
 
+def is_host(device: tvm.runtime.Device) -> bool:
+    """Whether ``device`` is this process's CPU memory (numpy can share it)."""
+    return device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
