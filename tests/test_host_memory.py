@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import re
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from qwen3c.runtime.host_memory import TENSOR_ALIGN, HugePageArena
+from qwen3c.runtime.host_memory import HUGE_PAGE, TENSOR_ALIGN, HugePageArena
 
 ARRAYS = [
     np.arange(-7, 8, dtype=np.int32).reshape(3, 5),
@@ -35,3 +37,30 @@ def test_an_arena_refuses_more_than_its_capacity():
     arena.tensor(ARRAYS[0], "int32")
     with pytest.raises(ValueError, match="bytes left"):
         arena.tensor(ARRAYS[0], "int32")
+
+
+def thp_mode() -> str | None:
+    """Linux's transparent huge page mode ("always", "madvise", "never"), None elsewhere."""
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    found = re.search(r"\[(\w+)\]", path.read_text()) if path.exists() else None
+    return found.group(1) if found else None
+
+
+def mapping_of(address: int) -> str:
+    """This process's /proc/self/smaps entry for the mapping holding ``address``."""
+    entries = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text())
+    for entry in entries:
+        start, end = (int(a, 16) for a in entry.split(" ", 1)[0].split("-"))
+        if start <= address < end:
+            return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_the_arena_asks_for_huge_pages():
+    """Under THP "madvise" only an advised mapping may get huge pages (smaps: THPeligible 1);
+    the weights start on a huge page."""
+    weight = np.ones((4 * HUGE_PAGE // 4,), np.float32)
+    tensor = HugePageArena(HugePageArena.footprint(weight.nbytes)).tensor(weight, "float32")
+    assert tensor.data_ptr() % HUGE_PAGE == 0
+    assert re.search(r"^THPeligible:\s+1$", mapping_of(tensor.data_ptr()), re.MULTILINE)
