@@ -1,0 +1,213 @@
+"""bfloat16 weights stored losslessly in 12 bits: y[m, n] = x[m, k] · W[n, k]ᵀ on ``vdpbf16ps``.
+
+A bfloat16's high byte is its sign and seven of its eight exponent bits. A trained (or random)
+weight matrix uses few of the 256 high bytes: the 15 most frequent cover nearly all of its
+values, so each weight is stored as its low byte (one exponent bit and the mantissa) and a 4-bit
+code of its high byte, an entry of a 16-byte table per matrix. A value whose high byte is not
+in the table (an "exception": far smaller or larger than the rest) is stored as code
+``ZERO_CODE`` with a zero low byte, which decodes to +0.0, and its product is added from a
+list kept per panel. Decoding is exact: the kernel multiplies the same bfloat16 values as the
+panel kernel (``bf16_panel``), reading 3/4 of the bytes, which is what bounds decode.
+
+Layout: the panels of ``bf16_panel`` (64 rows, k-pair by k-pair), each k-pair's 128 bfloat16
+(four vectors of 32) stored as 192 bytes: their 128 low bytes, then 64 bytes of codes, byte j
+holding the codes of vector 2 (j // 32) + 0 (low nibble) and + 1 (high nibble), element j % 32.
+A vector decodes with one ``vpshufb`` (the table) and one byte interleave, in LLVM IR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from qwen3c.schedules import bf16_dot, bf16_panel
+from qwen3c.schedules.scratch import stack_buffer
+
+LANES, VECTORS, PANEL = bf16_panel.LANES, bf16_panel.VECTORS, bf16_panel.PANEL
+ELEMENTS = LANES * bf16_dot.PAIRS  # bfloat16 per vector
+PAIR_BYTES = VECTORS * ELEMENTS * 3 // 2  # bytes per k-pair of a panel: 128 low, 64 codes
+CODES = 16
+ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' high byte
+TILE_TOKENS = bf16_panel.TILE_TOKENS
+
+SYMBOL = "qwen3c_dpbf16ps_packed"
+_INTERLEAVE = ", ".join(f"i32 {i // 2 + (i % 2) * ELEMENTS}" for i in range(2 * ELEMENTS))
+_IR = f"""
+define linkonce_odr <16 x float> @{SYMBOL}(<16 x float> %acc, <16 x i32> %x, <32 x i8> %low,
+                                           <32 x i8> %code, <32 x i8> %table) alwaysinline {{
+  %high = call <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8> %table, <32 x i8> %code)
+  %w = shufflevector <32 x i8> %low, <32 x i8> %high, <64 x i32> <{_INTERLEAVE}>
+  %wb = bitcast <64 x i8> %w to <32 x bfloat>
+  %xb = bitcast <16 x i32> %x to <32 x bfloat>
+  %sum = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc,
+                                                             <32 x bfloat> %xb, <32 x bfloat> %wb)
+  ret <16 x float> %sum
+}}
+declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>,
+                                                       <32 x bfloat>)
+"""
+IMPORT = {"pragma_import_llvm": _IR}
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """One [n, k] bfloat16 weight, packed: ``values`` [n / PANEL, k / 2, PAIR_BYTES], the
+    ``table`` of high bytes (twice, for a 32-byte ``vpshufb``), and the exceptions of panel p
+    at ``offsets[p]:offsets[p + 1]`` of ``at`` (k-pair · 128 + element of the k-pair) and
+    ``value`` (float32)."""
+    values: np.ndarray
+    table: np.ndarray
+    offsets: np.ndarray
+    at: np.ndarray
+    value: np.ndarray
+
+    @property
+    def exceptions(self) -> int:
+        return int(self.offsets[-1])
+
+
+def high_byte_table(bits: np.ndarray) -> np.ndarray:
+    """The CODES high bytes of a table for these bfloat16 bit patterns: the most frequent
+    non-zero ones, then 0 (``ZERO_CODE``)."""
+    counts = np.bincount((bits >> 8).ravel(), minlength=256)
+    counts[0] = 0
+    table = np.zeros(CODES, np.uint8)
+    table[:CODES - 1] = np.argsort(-counts, kind="stable")[:CODES - 1]
+    return table
+
+
+def pack(weight: np.ndarray) -> Packed:
+    """``weight`` ([n, k] bfloat16, n a multiple of PANEL, k of ``bf16_dot.STEP``) packed."""
+    n, k = weight.shape
+    bits = np.ascontiguousarray(weight).view(np.uint16)
+    table = high_byte_table(bits)
+    code_of = np.full(256, ZERO_CODE, np.uint8)
+    code_of[table[:CODES - 1]] = np.arange(CODES - 1, dtype=np.uint8)
+    code_of[0] = ZERO_CODE
+    # [panels, pairs, 128]: the panel order of bf16_panel.to_panels, a k-pair's elements in a row
+    panels = bf16_panel.to_panels(bits).reshape(n // PANEL, k // 2, VECTORS * ELEMENTS)
+    high, low = (panels >> 8).astype(np.uint8), (panels & 0xFF).astype(np.uint8)
+    code = code_of[high]
+    exception = (table[code] != high)
+    low[exception] = 0
+    code = code.reshape(n // PANEL, k // 2, VECTORS // 2, 2, ELEMENTS)
+    code_bytes = (code[..., 0, :] | (code[..., 1, :] << 4)).reshape(n // PANEL, k // 2, -1)
+    values = np.concatenate([low, code_bytes], axis=-1)
+    panel, pair, element = np.nonzero(exception)
+    offsets = np.zeros(n // PANEL + 1, np.int32)
+    np.cumsum(np.bincount(panel, minlength=n // PANEL), out=offsets[1:])
+    exact = panels[panel, pair, element].astype(np.uint32) << 16
+    return Packed(np.ascontiguousarray(values), np.tile(table, 2), offsets,
+                  (pair * VECTORS * ELEMENTS + element).astype(np.int32),
+                  exact.view(np.float32))
+
+
+def unpack(packed: Packed, n: int, k: int) -> np.ndarray:
+    """The [n, k] bfloat16 bit patterns (uint16) ``packed`` holds: the reference decoder."""
+    values = packed.values.reshape(n // PANEL, k // 2, -1)
+    low = values[..., :VECTORS * ELEMENTS].astype(np.uint16)
+    codes = values[..., VECTORS * ELEMENTS:].reshape(n // PANEL, k // 2, VECTORS // 2, ELEMENTS)
+    code = np.stack([codes & 15, codes >> 4], axis=3).reshape(low.shape)
+    bits = low | (packed.table[code].astype(np.uint16) << 8)
+    for p in range(n // PANEL):
+        for j in range(packed.offsets[p], packed.offsets[p + 1]):
+            pair, element = divmod(int(packed.at[j]), VECTORS * ELEMENTS)
+            bits[p, pair, element] = packed.value[j:j + 1].view(np.uint32)[0] >> 16
+    # back from panel order: [panels, pairs, rows, 2] -> [n, k]
+    return bits.reshape(n // PANEL, k // 2, PANEL, 2).swapaxes(1, 2).reshape(n, k)
+
+
+def _decoded_dot(acc, x_word, values, p, kp, v, table):
+    """acc + x_word (16 words, broadcast) · vector v of k-pair kp of panel p, decoded."""
+    code_bytes = values[p, kp, T.ramp(VECTORS * ELEMENTS + v // 2 * ELEMENTS, 1, ELEMENTS)]
+    shift = T.broadcast(T.Cast("uint8", 4 * (v % 2)), ELEMENTS)  # v is a loop variable
+    code = T.bitwise_and(T.shift_right(code_bytes, shift), T.broadcast(T.uint8(15), ELEMENTS))
+    return T.call_pure_extern(f"float32x{LANES}", SYMBOL, acc, x_word,
+                              values[p, kp, T.ramp(v * ELEMENTS, 1, ELEMENTS)], code,
+                              table[T.ramp(0, 1, 2 * CODES)])
+
+
+def projection(n: int, k: int, out_dtype: str):
+    """A TVMScript macro ``run(x, values, table, offsets, at, value, y, m)``: y[m, n] (float32
+    sums rounded to ``out_dtype``) = x[m, k] · Wᵀ for a packed W; a parallel task per panel,
+    one token at a time (decode) or in tiles of TILE_TOKENS."""
+    N, K = n, k
+    pairs = K // bf16_dot.PAIRS
+
+    @T.macro
+    def sums(x, x_words, values, table, offsets, at, value, acc, p, t0, tokens, last):
+        for i in T.unroll(tokens):
+            for v in T.unroll(VECTORS):
+                for lane in T.vectorized(LANES):
+                    acc[i, v, lane] = T.float32(0)
+        for kp in range(pairs):
+            for i in T.unroll(tokens):
+                for v in T.unroll(VECTORS):
+                    acc[i, v, bf16_dot.words(0)] = _decoded_dot(
+                        acc[i, v, bf16_dot.words(0)],
+                        T.broadcast(x_words[T.min(t0 + i, last), kp], LANES),
+                        values, p, kp, v, table)
+        for j in range(offsets[p], offsets[p + 1]):
+            pair: T.let = at[j] // (VECTORS * ELEMENTS)
+            element: T.let = at[j] % (VECTORS * ELEMENTS)
+            for i in T.unroll(tokens):
+                acc[i, element // ELEMENTS, element % ELEMENTS // 2] = (
+                    acc[i, element // ELEMENTS, element % ELEMENTS // 2]
+                    + T.Cast("float32", x[T.min(t0 + i, last), 2 * pair + element % 2])
+                    * value[j])
+
+    @T.macro
+    def store(y, acc, p, t0, tokens, m):
+        for i in T.unroll(tokens):
+            if t0 + i < m:
+                for v in T.unroll(VECTORS):
+                    for lane in T.vectorized(LANES):
+                        y[t0 + i, p * PANEL + v * LANES + lane] = T.Cast(out_dtype,
+                                                                         acc[i, v, lane])
+
+    @T.macro
+    def run(x, values, table, offsets, at, value, y, m):
+        with T.sblock("packed_gemm"):
+            x_words = T.decl_buffer((m, T.int64(pairs)), bf16_dot.WORD, data=x.data)
+            for p in T.parallel(N // PANEL, annotations=IMPORT):
+                with T.sblock("panel"):
+                    T.reads()  # independent tasks; nothing schedules this block
+                    T.writes()
+                    if m > 1:
+                        acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
+                                                    scope="global")
+                        for t in range((m + TILE_TOKENS - 1) // TILE_TOKENS):
+                            sums(x, x_words, values, table, offsets, at, value, acc, p,
+                                 t * TILE_TOKENS, TILE_TOKENS, m - 1)
+                            store(y, acc, p, t * TILE_TOKENS, TILE_TOKENS, m)
+                    else:
+                        one = stack_buffer((1, VECTORS, LANES), "float32")
+                        sums(x, x_words, values, table, offsets, at, value, one, p, T.int64(0), 1,
+                             T.int64(0))
+                        store(y, one, p, T.int64(0), 1, m)
+
+    return run
+
+
+@functools.cache
+def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> tirx.PrimFunc:
+    """``projection`` as a kernel, for a weight with this many exceptions."""
+    N, K, E = n, k, max(exceptions, 1)
+    body = projection(n, k, out_dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def gemm(var_x: T.handle, values: T.Buffer((N // PANEL, K // 2, PAIR_BYTES), "uint8"),
+             table: T.Buffer((2 * CODES,), "uint8"), offsets: T.Buffer((N // PANEL + 1,), "int32"),
+             at: T.Buffer((E,), "int32"), value: T.Buffer((E,), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
+        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
+        body(x, values, table, offsets, at, value, y, m)
+
+    return gemm

@@ -1,0 +1,59 @@
+"""bfloat16 weights in 12 bits (``schedules/bf16_packed.py``): lossless packing, and the
+kernel on the packed weights against numpy."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+from conftest import host_target
+
+from qwen3c.schedules import bf16_dot, bf16_packed
+
+
+def weight_with_outliers(n: int, k: int, seed: int) -> np.ndarray:
+    """Gaussian weights (std 0.02) with zeros and values far outside the table's high bytes."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.normal(size=(n, k)) * 0.02).astype(ml_dtypes.bfloat16)
+    weight[0, :5] = 0
+    weight[3, 7], weight[n - 1, k - 1], weight[n // 2, 1] = 3e-9, -12.5, -0.0
+    return weight
+
+
+@pytest.mark.parametrize("n, k", [(64, 32), (192, 96)])
+def test_packing_is_lossless(n, k):
+    weight = weight_with_outliers(n, k, k)
+    packed = bf16_packed.pack(weight)
+    assert packed.values.nbytes == weight.nbytes * 3 // 4
+    high_bytes = np.unique(weight.view(np.uint16) >> 8)
+    assert packed.exceptions >= len(high_bytes) - bf16_packed.CODES  # the rarest
+    assert np.array_equal(bf16_packed.unpack(packed, n, k), weight.view(np.uint16))
+
+
+def test_a_weight_with_few_high_bytes_has_no_exceptions():
+    weight = np.tile(np.array([1, -2, 0.5, 0], ml_dtypes.bfloat16), (64, 8))
+    packed = bf16_packed.pack(weight)
+    assert packed.exceptions == 0
+    assert np.array_equal(bf16_packed.unpack(packed, 64, 32), weight.view(np.uint16))
+
+
+@pytest.mark.parametrize("n, k", [(64, 32), (192, 96)])
+def test_packed_gemm_matches_numpy(n, k):
+    target = host_target()
+    if not bf16_dot.available(target, "bfloat16", k):
+        pytest.skip("the packed kernel needs a CPU with AVX512-BF16")
+    weight = weight_with_outliers(n, k, n)
+    packed = bf16_packed.pack(weight)
+    kernel = tvm.compile(bf16_packed.packed_gemm(n, k, packed.exceptions).with_attr(
+        "global_symbol", "gemm"), target=target)
+    arrays = [tvm.runtime.tensor(a) for a in (packed.values, packed.table, packed.offsets,
+                                              packed.at, packed.value)]
+    rng = np.random.default_rng(k)
+    for m in (1, 2, 6, 7, 17):  # decode, a partial tile, one tile, tiles and a partial one
+        x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
+        y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+        kernel(tvm.runtime.tensor(x), *arrays, y)
+        # the same bfloat16 products as the unpacked weight, exact in float32
+        exact = x.astype(np.float32) @ weight.astype(np.float32).T
+        np.testing.assert_allclose(y.numpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
