@@ -59,7 +59,7 @@ class Packed:
     """One [n, k] bfloat16 weight, packed: ``values`` [n / PANEL, k / 2, PAIR_BYTES], the
     ``table`` of high bytes (twice, for a 32-byte ``vpshufb``), and the exceptions of panel p
     at ``offsets[p]:offsets[p + 1]`` of ``at`` (k-pair · 128 + element of the k-pair) and
-    ``value`` (float32)."""
+    ``value`` (float32; both one unused entry long if there are none)."""
     values: np.ndarray
     table: np.ndarray
     offsets: np.ndarray
@@ -88,7 +88,7 @@ def pack(weight: np.ndarray) -> Packed:
     table = high_byte_table(bits)
     code_of = np.full(256, ZERO_CODE, np.uint8)
     code_of[table[:CODES - 1]] = np.arange(CODES - 1, dtype=np.uint8)
-    code_of[0] = ZERO_CODE
+    code_of[0] = ZERO_CODE  # also where the table is short of non-zero high bytes
     # [panels, pairs, 128]: the panel order of bf16_panel.to_panels, a k-pair's elements in a row
     panels = bf16_panel.to_panels(bits).reshape(n // PANEL, k // 2, VECTORS * ELEMENTS)
     high, low = (panels >> 8).astype(np.uint8), (panels & 0xFF).astype(np.uint8)
@@ -101,10 +101,11 @@ def pack(weight: np.ndarray) -> Packed:
     panel, pair, element = np.nonzero(exception)
     offsets = np.zeros(n // PANEL + 1, np.int32)
     np.cumsum(np.bincount(panel, minlength=n // PANEL), out=offsets[1:])
-    exact = panels[panel, pair, element].astype(np.uint32) << 16
-    return Packed(np.ascontiguousarray(values), np.tile(table, 2), offsets,
-                  (pair * VECTORS * ELEMENTS + element).astype(np.int32),
-                  exact.view(np.float32))
+    at = (pair * VECTORS * ELEMENTS + element).astype(np.int32)
+    exact = (panels[panel, pair, element].astype(np.uint32) << 16).view(np.float32)
+    if not len(at):  # one unused entry: the kernel's buffers are never empty
+        at, exact = np.zeros(1, np.int32), np.zeros(1, np.float32)
+    return Packed(np.ascontiguousarray(values), np.tile(table, 2), offsets, at, exact)
 
 
 def unpack(packed: Packed, n: int, k: int) -> np.ndarray:

@@ -34,7 +34,7 @@ def test_packing_is_lossless(n, k):
 def test_a_weight_with_few_high_bytes_has_no_exceptions():
     weight = np.tile(np.array([1, -2, 0.5, 0], ml_dtypes.bfloat16), (64, 8))
     packed = bf16_packed.pack(weight)
-    assert packed.exceptions == 0
+    assert packed.exceptions == 0 and len(packed.at) == len(packed.value) == 1
     assert np.array_equal(bf16_packed.unpack(packed, 64, 32), weight.view(np.uint16))
 
 
