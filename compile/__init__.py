@@ -27,14 +27,16 @@ from qwen3c.compile.tuning import (
 )
 from qwen3c.compile.weights import (
     NUMPY_DTYPES,
+    TIED_HEAD,
     Checkpoint,
     check_coverage,
     converted_params,
+    hf_sources,
     write_shards,
 )
 from qwen3c.errors import ConfigError, Qwen3cError, TargetError
 from qwen3c.runtime.artifact import LIBRARY, MANIFEST, Manifest, ParamInfo, sha256_file
-from qwen3c.schedules import bf16_dot
+from qwen3c.schedules import bf16_dot, bf16_packed, bf16_panel
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.targets import Target, get_target
 from qwen3c.targets.byoc_target import VENDOR_DIR
@@ -77,8 +79,12 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         if backend.tuning_phase is None:
             raise TargetError(f"target {backend.name} takes no tuning records")
         records = TuningRecords(Path(tuning_records), tvm_target)
+    panels = _panels(backend, tvm_target, dtype)
+    packed_head = (_head_exceptions(model_dir, config) if panels and head_scheme is None
+                   and parallel.vocab_shards(config.vocab_size) == 1
+                   and bf16_panel.fits(config.vocab_size, config.hidden_size) else None)
     mod, named_params = _model_module(config, backend, dtype, parallel, scheme, head_scheme,
-                                      tvm_target)
+                                      tvm_target, packed_head)
     params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
                         quant_param(p), p.attrs.get(LAYOUT_ATTR))
               for name, p in named_params]
@@ -160,11 +166,26 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
     return kernels
 
 
+def _panels(backend: Target, tvm_target: tvm.target.Target, dtype: str) -> bool:
+    """Whether the build stores its bfloat16 weights for the CPU's ``vdpbf16ps``."""
+    return backend.name == "llvm" and bf16_dot.usable(tvm_target, dtype)
+
+
+def _head_exceptions(model_dir: Path, config: Qwen3Config) -> int:
+    """How many of the lm_head's values (the embedding table's when tied) its 12-bit packing
+    lists apart (``bf16_packed``): a parameter's size, needed before the graph is built."""
+    (name,), = hf_sources(TIED_HEAD, tied=config.tie_word_embeddings).rows
+    with Checkpoint(model_dir) as checkpoint:
+        weight = checkpoint.tensor(name)
+    return bf16_packed.count_exceptions(weight.astype(NUMPY_DTYPES["bfloat16"]))
+
+
 def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Parallelism,
                   scheme: QuantScheme | None, head_scheme: QuantScheme | None,
-                  tvm_target: tvm.target.Target
+                  tvm_target: tvm.target.Target, packed_head: int | None = None
                   ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    """The model as a Relax module, after checking the target can build it this way."""
+    """The model as a Relax module, after checking the target can build it this way;
+    ``packed_head``: the lm_head's exception count where it is packed in 12 bits."""
     if dtype not in NUMPY_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(NUMPY_DTYPES)}")
     backend.check_model(config)
@@ -176,7 +197,7 @@ def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Pa
         model = Qwen3ForCausalLM(
             config, Build(dtype, parallel, scheme, head_scheme,
                           gpu=tvm_target.kind.name == "cuda",
-                          panels=backend.name == "llvm" and bf16_dot.usable(tvm_target, dtype)))
+                          panels=_panels(backend, tvm_target, dtype), packed_head=packed_head))
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     return mod, named_params
 

@@ -46,6 +46,7 @@ from qwen3c.schedules import (
     amx_gemm,
     attention,
     bf16_dot,
+    bf16_packed,
     bf16_panel,
     mlp,
     moe,
@@ -174,6 +175,29 @@ class PanelLinear(nn.Module):
                                  self.weight)
 
 
+class PackedLinear(nn.Module):
+    """y = x Wᵀ in float32 with a bfloat16 W stored losslessly in 12 bits
+    (``schedules/bf16_packed.py``): the same products as ``PanelLinear`` from 3/4 of the
+    bytes, for a head that decode streams whole every step. ``exceptions``: how many of W's
+    values the packing lists apart (``bf16_packed.count_exceptions``, known before the graph)."""
+
+    def __init__(self, in_features: int, out_features: int, exceptions: int):
+        self.in_features, self.out_features, self.exceptions = (in_features, out_features,
+                                                                exceptions)
+        parts = bf16_packed.parameter_shapes(out_features, in_features, exceptions)
+        for role, (shape, dtype) in parts.items():
+            part = nn.Parameter(shape, dtype)
+            part.attrs[LAYOUT_ATTR] = bf16_packed.part_layout(role)
+            setattr(self, "weight" if role == "values" else f"weight_{role}", part)
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, K, E = self.out_features, self.in_features, self.exceptions
+        return kernel_projection(x, N, None, ACCUMULATE, "packed_gemm",
+                                 lambda sums: bf16_packed.packed_gemm(N, K, E, sums),
+                                 self.weight, self.weight_table, self.weight_offsets,
+                                 self.weight_at, self.weight_value)
+
+
 def kernel_projection(x: Tensor, features: int, bias: nn.Parameter | None, out_dtype: str,
                       name: str, kernel, *weights: nn.Parameter) -> Tensor:
     """y = x Wᵀ (+ b) by ``kernel(sums_dtype)`` over x as [tokens, k] rows: the kernel rounds
@@ -228,6 +252,7 @@ class Build:
     head_quant: QuantScheme | None = None
     gpu: bool = False  # MoE kernels with thread bindings (schedules/moe_gpu.py)
     panels: bool = False  # bfloat16 projections stored in panels (schedules/bf16_panel.py)
+    packed_head: int | None = None  # the lm_head in 12 bits with this many exceptions
 
 
 def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
@@ -521,6 +546,9 @@ class Qwen3ForCausalLM(nn.Module):
             # A quantized head is a copy of the embedding table when tied.
             self.lm_head = QuantLinear(config.hidden_size, rows, bias=False, dtype=build.dtype,
                                        scheme=head_scheme, out_dtype=ACCUMULATE)
+        elif build.packed_head is not None:
+            # A tied head is a packed copy of the embedding table, as a quantized one is.
+            self.lm_head = PackedLinear(config.hidden_size, rows, build.packed_head)
         elif not config.tie_word_embeddings:
             # bfloat16 panels where the projections have them (a tied head would need a copy)
             panels = (build.panels and self.vocab_shards == 1

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from qwen3c.compile.config import Qwen3Config
 from qwen3c.errors import CheckpointError
 from qwen3c.runtime.artifact import ParamInfo
-from qwen3c.schedules import bf16_panel
+from qwen3c.schedules import bf16_packed, bf16_panel
 from qwen3c.schedules.quant import LAYOUTS as QUANT_LAYOUTS
 from qwen3c.schedules.quant import quantize
 
@@ -149,9 +149,16 @@ class Checkpoint:
 
 
 def _sources(param: ParamInfo, config: Qwen3Config) -> Sources:
-    """HF sources of a parameter, or of the float weight a quantized one is made from."""
-    name = param.quant.float_name(param.name) if param.quant else param.name
-    return hf_sources(name, config.num_experts, config.tie_word_embeddings)
+    """HF sources of a parameter, or of the float weight a quantized or packed one is made
+    from."""
+    return hf_sources(_source_name(param), config.num_experts, config.tie_word_embeddings)
+
+
+def _source_name(param: ParamInfo) -> str:
+    if param.quant:
+        return param.quant.float_name(param.name)
+    role = bf16_packed.part_role(param.layout)
+    return param.name if role is None else bf16_packed.part_source(param.name, role)
 
 
 def check_coverage(checkpoint: Checkpoint, params: list[ParamInfo],
@@ -191,7 +198,22 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
         return np.ascontiguousarray(array)
 
     quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # float name -> (values, scales)
+    packed: dict[str, dict[str, np.ndarray]] = {}  # weight name -> its parts left to write
     for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
+        role = bf16_packed.part_role(param.layout)
+        if role is not None:  # one part of a 12-bit bfloat16 weight (one shard only)
+            source = bf16_packed.part_source(param.name, role)
+            if source not in packed:
+                weight = assemble(param, NUMPY_DTYPES["bfloat16"], packed_shape(params, source))
+                packed[source] = dataclasses.asdict(bf16_packed.pack(weight))
+            array = packed[source].pop(role)
+            if not packed[source]:
+                del packed[source]
+            if array.shape != param.shape:  # the checkpoint changed since the count
+                raise CheckpointError(f"weight {source!r} packs with {array.shape} for its "
+                                      f"{role}, the graph was built for {param.shape}")
+            yield param.name, [array] * shards
+            continue
         if param.quant:
             float_name = param.quant.float_name(param.name)
             if float_name not in quantized:
@@ -215,6 +237,13 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             yield param.name, param.shard.split(array, shards)
         else:
             yield param.name, [array] * shards
+
+
+def packed_shape(params: list[ParamInfo], source: str) -> tuple[int, ...]:
+    """The [n, k] shape of a packed weight, from its values part ([n / 64, k / 2, .])."""
+    values = next(p for p in params if p.name == source)
+    panels, pairs, _ = values.shape
+    return (panels * bf16_packed.PANEL, pairs * 2)
 
 
 def _concatenated(checkpoint: Checkpoint, names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:

@@ -33,6 +33,7 @@ PAIR_BYTES = VECTORS * ELEMENTS * 3 // 2  # bytes per k-pair of a panel: 128 low
 CODES = 16
 ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' high byte
 TILE_TOKENS = bf16_panel.TILE_TOKENS
+LAYOUT = "bf16-packed12-panels-64"  # the manifest's name; each part is ``part_layout(role)``
 
 SYMBOL = "qwen3c_dpbf16ps_packed"
 _INTERLEAVE = ", ".join(f"i32 {i // 2 + (i % 2) * ELEMENTS}" for i in range(2 * ELEMENTS))
@@ -79,6 +80,38 @@ def high_byte_table(bits: np.ndarray) -> np.ndarray:
     table = np.zeros(CODES, np.uint8)
     table[:CODES - 1] = np.argsort(-counts, kind="stable")[:CODES - 1]
     return table
+
+
+def count_exceptions(weight: np.ndarray) -> int:
+    """How many values of ``weight`` (bfloat16) ``pack`` keeps in its exception list: the
+    compiler needs the count (a parameter's shape) before it builds the graph."""
+    bits = np.ascontiguousarray(weight).view(np.uint16)
+    counts = np.bincount((bits >> 8).ravel(), minlength=256)
+    return int(bits.size - counts[np.union1d(high_byte_table(bits), [0])].sum())
+
+
+def parameter_shapes(n: int, k: int, exceptions: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of each part (``Packed``'s fields) of a packed [n, k] weight."""
+    E = max(exceptions, 1)
+    return {"values": ((n // PANEL, k // 2, PAIR_BYTES), "uint8"),
+            "table": ((2 * CODES,), "uint8"), "offsets": ((n // PANEL + 1,), "int32"),
+            "at": ((E,), "int32"), "value": ((E,), "float32")}
+
+
+def part_layout(role: str) -> str:
+    """The manifest's layout of one part of a packed weight."""
+    return f"{LAYOUT}:{role}"
+
+
+def part_role(layout: str | None) -> str | None:
+    """The part a parameter of this layout holds, or None if it is not part of a packed weight."""
+    prefix, _, role = (layout or "").partition(":")
+    return role if prefix == LAYOUT else None
+
+
+def part_source(name: str, role: str) -> str:
+    """The name of the weight a part's parameter is packed from."""
+    return name if role == "values" else name.removesuffix(f"_{role}")
 
 
 def pack(weight: np.ndarray) -> Packed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from conftest import WIDER_CONFIG, assert_as_faithful_as_hf_16bit, host_target
 import qwen3c
 from qwen3c.cli import main
 from qwen3c.reference import HFReference
-from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_packed, bf16_panel
 
 
 @pytest.mark.parametrize("chunk", [None, 16], ids=["one-chunk", "chunks-of-16"])
@@ -30,23 +31,33 @@ def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(chunk, make_che
                                    HFReference(checkpoint, "bfloat16").logits(ids))
 
 
-def test_bfloat16_projections_and_head_on_panels_match_hf(make_checkpoint, make_artifact):
-    """Where the CPU has bfloat16 dot products, the projections' weights and an untied head are
-    stored in panels (``schedules/bf16_panel.py``); a q/k/v bias is added to the float32 sums,
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-with-bias", "tied"])
+def test_bfloat16_projections_on_panels_and_packed_head_match_hf(tied, make_checkpoint,
+                                                                 make_artifact):
+    """Where the CPU has bfloat16 dot products, the projections' weights are stored in panels
+    (``schedules/bf16_panel.py``) and the head in 12 bits (``schedules/bf16_packed.py``; when
+    tied, a packed copy of the embedding table); a q/k/v bias is added to the float32 sums,
     and the head's logits are its float32 sums."""
     if not bf16_dot.usable(host_target(), "bfloat16"):
         pytest.skip("builds store bfloat16 panels only for CPUs in bf16_dot.PAYS_ON")
-    checkpoint = make_checkpoint("bf16-bias-untied", **WIDER_CONFIG, attention_bias=True,
-                                 tie_word_embeddings=False, vocab_size=640)  # 10 panels
+    checkpoint = make_checkpoint(f"bf16-{'tied' if tied else 'bias-untied'}", **WIDER_CONFIG,
+                                 attention_bias=not tied, tie_word_embeddings=tied,
+                                 vocab_size=640)  # 10 panels
     artifact = make_artifact(checkpoint, dtype="bfloat16")
-    layouts = {p["name"]: p["layout"]
-               for p in json.loads((artifact / "manifest.json").read_text())["params"]}
+    params = json.loads((artifact / "manifest.json").read_text())["params"]
+    layouts = {p["name"]: p["layout"] for p in params}
     on_panels = {name.split(".")[-2] for name, layout in layouts.items()
                  if layout == bf16_panel.LAYOUT}
-    assert on_panels == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert on_panels == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    packed = {bf16_packed.part_role(layout): name for name, layout in layouts.items()
+              if bf16_packed.part_role(layout)}
+    assert set(packed) == {"values", "table", "offsets", "at", "value"}
+    assert packed["values"] == "lm_head.weight"
+    assert math.prod(next(p["shape"] for p in params if p["name"] == "lm_head.weight")) \
+        == 640 * WIDER_CONFIG["hidden_size"] * 3 // 2  # 12 bits a weight
     shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
     stored = sum(layout == bf16_panel.LAYOUT for layout in layouts.values())
-    assert f"layouts       {bf16_panel.LAYOUT} x{stored}\n" in shown
+    assert f"{bf16_panel.LAYOUT} x{stored}" in shown
     model = qwen3c.load(artifact)
     ids = np.random.default_rng(6).integers(0, model.vocab_size, 64).tolist()
     exact = HFReference(checkpoint, "float32").logits(ids)

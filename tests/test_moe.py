@@ -11,7 +11,7 @@ from conftest import host_target
 
 import qwen3c
 from qwen3c.reference import HFReference
-from qwen3c.schedules import bf16_dot, bf16_panel
+from qwen3c.schedules import bf16_dot, bf16_packed, bf16_panel
 
 VARIANTS = {
     "norm-topk": {"norm_topk_prob": True},
@@ -108,8 +108,9 @@ def test_router_stats_off_by_default_and_dense_models_refuse(make_checkpoint, ma
 
 
 # Experts whose sizes fit bfloat16 panels (schedules/bf16_panel.py: rows in 64s, gate and up
-# paired), with a head of 10 panels, so that on AVX512-BF16 every weight but the embedding is
-# stored in panels; on AMX the same sizes put the experts' prefills on tiles (amx_gemm.py).
+# paired), with a head of 10 panels, so that on AVX512-BF16 every weight but the embedding and
+# the head (in 12 bits, bf16_packed.py) is stored in panels; on AMX the same sizes put the
+# experts' prefills on tiles (amx_gemm.py).
 PANEL_VARIANT = dict(VARIANTS["top4-untied"], moe_intermediate_size=64, vocab_size=640)
 
 
@@ -125,7 +126,7 @@ def test_bfloat16_moe_against_hf_bfloat16(variant, make_checkpoint, make_artifac
                    for p in json.loads((artifact / "manifest.json").read_text())["params"]}
         assert layouts["model.layers.0.mlp.experts.gate_up_proj"] == bf16_panel.PAIRED_LAYOUT
         assert layouts["model.layers.0.mlp.experts.down_proj"] == bf16_panel.LAYOUT
-        assert layouts["lm_head.weight"] == bf16_panel.LAYOUT
+        assert layouts["lm_head.weight"] == bf16_packed.part_layout("values")
     model = qwen3c.load(artifact)
     ids = prompt(model.vocab_size, 64, seed=4)
     exact = HFReference(checkpoint, "float32").logits(ids)
