@@ -35,24 +35,19 @@ ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' 
 TILE_TOKENS = bf16_panel.TILE_TOKENS
 LAYOUT = "bf16-packed12-panels-64"  # the manifest's name; each part is ``part_layout(role)``
 
-SYMBOL = "qwen3c_dpbf16ps_packed"
+SYMBOL = "qwen3c_bf16_from12"
 _INTERLEAVE = ", ".join(f"i32 {i // 2 + (i % 2) * ELEMENTS}" for i in range(2 * ELEMENTS))
 _IR = f"""
-define linkonce_odr <16 x float> @{SYMBOL}(<16 x float> %acc, <16 x i32> %x, <32 x i8> %low,
-                                           <32 x i8> %code, <32 x i8> %table) alwaysinline {{
+define linkonce_odr <16 x i32> @{SYMBOL}(<32 x i8> %low, <32 x i8> %code, <32 x i8> %table)
+    alwaysinline {{
   %high = call <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8> %table, <32 x i8> %code)
   %w = shufflevector <32 x i8> %low, <32 x i8> %high, <64 x i32> <{_INTERLEAVE}>
-  %wb = bitcast <64 x i8> %w to <32 x bfloat>
-  %xb = bitcast <16 x i32> %x to <32 x bfloat>
-  %sum = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc,
-                                                             <32 x bfloat> %xb, <32 x bfloat> %wb)
-  ret <16 x float> %sum
+  %words = bitcast <64 x i8> %w to <16 x i32>
+  ret <16 x i32> %words
 }}
 declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>,
-                                                       <32 x bfloat>)
 """
-IMPORT = {"pragma_import_llvm": _IR}
+IMPORT = {"pragma_import_llvm": bf16_dot.IMPORT["pragma_import_llvm"] + _IR}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +151,13 @@ def unpack(packed: Packed, n: int, k: int) -> np.ndarray:
     return bits.reshape(n // PANEL, k // 2, PANEL, 2).swapaxes(1, 2).reshape(n, k)
 
 
-def _decoded_dot(acc, x_word, values, p, kp, v, table):
-    """acc + x_word (16 words, broadcast) · vector v of k-pair kp of panel p, decoded."""
+def _decoded(values, p, kp, v, table):
+    """Vector v of k-pair kp of panel p as 16 words (32 bfloat16, ``bf16_dot``'s int32 view),
+    its exceptions zero."""
     code_bytes = values[p, kp, T.ramp(VECTORS * ELEMENTS + v // 2 * ELEMENTS, 1, ELEMENTS)]
     shift = T.broadcast(T.Cast("uint8", 4 * (v % 2)), ELEMENTS)  # v is a loop variable
     code = T.bitwise_and(T.shift_right(code_bytes, shift), T.broadcast(T.uint8(15), ELEMENTS))
-    return T.call_pure_extern(f"float32x{LANES}", SYMBOL, acc, x_word,
+    return T.call_pure_extern(f"int32x{LANES}", SYMBOL,
                               values[p, kp, T.ramp(v * ELEMENTS, 1, ELEMENTS)], code,
                               table[T.ramp(0, 1, 2 * CODES)])
 
@@ -174,18 +170,20 @@ def projection(n: int, k: int, out_dtype: str):
     pairs = K // bf16_dot.PAIRS
 
     @T.macro
-    def sums(x, x_words, values, table, offsets, at, value, acc, p, t0, tokens, last):
+    def sums(x, x_words, values, table, offsets, at, value, acc, wv, p, t0, tokens, last):
         for i in T.unroll(tokens):
             for v in T.unroll(VECTORS):
                 for lane in T.vectorized(LANES):
                     acc[i, v, lane] = T.float32(0)
         for kp in range(pairs):
+            for v in T.unroll(VECTORS):  # each vector decoded once for all the tokens
+                wv[v, bf16_dot.words(0)] = _decoded(values, p, kp, v, table)
             for i in T.unroll(tokens):
                 for v in T.unroll(VECTORS):
-                    acc[i, v, bf16_dot.words(0)] = _decoded_dot(
+                    acc[i, v, bf16_dot.words(0)] = bf16_dot.dot(
                         acc[i, v, bf16_dot.words(0)],
                         T.broadcast(x_words[T.min(t0 + i, last), kp], LANES),
-                        values, p, kp, v, table)
+                        wv[v, bf16_dot.words(0)])
         for j in range(offsets[p], offsets[p + 1]):
             pair: T.let = at[j] // (VECTORS * ELEMENTS)
             element: T.let = at[j] % (VECTORS * ELEMENTS)
@@ -212,17 +210,18 @@ def projection(n: int, k: int, out_dtype: str):
                 with T.sblock("panel"):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
+                    wv = stack_buffer((VECTORS, LANES), bf16_dot.WORD)  # a k-pair, decoded
                     if m > 1:
                         acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
                                                     scope="global")
                         for t in range((m + TILE_TOKENS - 1) // TILE_TOKENS):
-                            sums(x, x_words, values, table, offsets, at, value, acc, p,
+                            sums(x, x_words, values, table, offsets, at, value, acc, wv, p,
                                  t * TILE_TOKENS, TILE_TOKENS, m - 1)
                             store(y, acc, p, t * TILE_TOKENS, TILE_TOKENS, m)
                     else:
                         one = stack_buffer((1, VECTORS, LANES), "float32")
-                        sums(x, x_words, values, table, offsets, at, value, one, p, T.int64(0), 1,
-                             T.int64(0))
+                        sums(x, x_words, values, table, offsets, at, value, one, wv, p,
+                             T.int64(0), 1, T.int64(0))
                         store(y, one, p, T.int64(0), 1, m)
 
     return run
