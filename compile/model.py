@@ -194,8 +194,18 @@ class PackedLinear(nn.Module):
         N, K, E = self.out_features, self.in_features, self.exceptions
         return kernel_projection(x, N, None, ACCUMULATE, "packed_gemm",
                                  lambda sums: bf16_packed.packed_gemm(N, K, E, sums),
-                                 self.weight, self.weight_table, self.weight_offsets,
-                                 self.weight_at, self.weight_value)
+                                 *self.parts())
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """W[ids] in bfloat16: the token lookup of a tied model, from the packed head."""
+        N, K, E = self.out_features, self.in_features, self.exceptions
+        return op.tensor_ir_op(bf16_packed.packed_rows(N, K, E), "packed_rows",
+                               [ids, *self.parts()],
+                               Tensor.placeholder((ids.shape[0], K), "bfloat16"))
+
+    def parts(self) -> list[nn.Parameter]:
+        return [self.weight, self.weight_table, self.weight_offsets, self.weight_at,
+                self.weight_value]
 
 
 def kernel_projection(x: Tensor, features: int, bias: nn.Parameter | None, out_dtype: str,
@@ -515,8 +525,10 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config, build: Build):
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, build.dtype,
-                                      build.parallel.vocab_shards(config.vocab_size))
+        if not (config.tie_word_embeddings and build.packed_head is not None):
+            # (else the packed head is the only copy of the table: ``PackedLinear.rows``)
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, build.dtype,
+                                          build.parallel.vocab_shards(config.vocab_size))
         self.layers = nn.ModuleList([Qwen3DecoderLayer(config, build, i)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -547,7 +559,7 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head = QuantLinear(config.hidden_size, rows, bias=False, dtype=build.dtype,
                                        scheme=head_scheme, out_dtype=ACCUMULATE)
         elif build.packed_head is not None:
-            # A tied head is a packed copy of the embedding table, as a quantized one is.
+            # A tied head is the embedding table, packed; tokens are looked up in it.
             self.lm_head = PackedLinear(config.hidden_size, rows, build.packed_head)
         elif not config.tie_word_embeddings:
             # bfloat16 panels where the projections have them (a tied head would need a copy)
@@ -558,6 +570,12 @@ class Qwen3ForCausalLM(nn.Module):
                                 out_dtype=ACCUMULATE)
         if hasattr(self, "lm_head") and self.vocab_shards > 1:
             shard(self.lm_head.weight, 0)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The tokens' rows of the embedding table (of the packed head, where that is it)."""
+        if hasattr(self.model, "embed_tokens"):
+            return self.model.embed_tokens(input_ids)
+        return self.lm_head.rows(input_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits; a tied head reuses the embedding matrix. Each shard computes its
@@ -576,7 +594,7 @@ class Qwen3ForCausalLM(nn.Module):
         ``logit_positions`` picks the rows of the flat token axis that need logits: the last
         token of each sequence for generation, or all of them to score a prompt.
         """
-        hidden = op.reshape(self.model.embed_tokens(input_ids), (1, input_ids.shape[0], -1))
+        hidden = op.reshape(self.embed(input_ids), (1, input_ids.shape[0], -1))
         hidden = self.model(hidden, kv_cache, router_stats)
         hidden = op.take(op.reshape(hidden, (input_ids.shape[0], -1)), logit_positions, axis=0)
         return self.logits(hidden)
@@ -584,7 +602,7 @@ class Qwen3ForCausalLM(nn.Module):
     def decode(self, input_ids: Tensor, kv_cache: PagedKVCache,
                router_stats: RouterStats | None = None):
         """One new token for each of the batch's sequences."""
-        hidden = op.reshape(self.model.embed_tokens(input_ids), (input_ids.shape[0], 1, -1))
+        hidden = op.reshape(self.embed(input_ids), (input_ids.shape[0], 1, -1))
         hidden = self.model(hidden, kv_cache, router_stats)
         return self.logits(op.reshape(hidden, (input_ids.shape[0], -1)))
 

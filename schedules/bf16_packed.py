@@ -244,3 +244,41 @@ def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> 
         body(x, values, table, offsets, at, value, y, m)
 
     return gemm
+
+
+@functools.cache
+def packed_rows(n: int, k: int, exceptions: int) -> tirx.PrimFunc:
+    """rows[t] = W[ids[t]] in bfloat16, decoded from a packed [n, k] W: the token lookup of a
+    tied model whose embedding table is its packed head (one table, not two). Scalar code:
+    k values per token, a few microseconds."""
+    N, K, E = n, k, max(exceptions, 1)
+    pairs, SPAN = K // bf16_dot.PAIRS, VECTORS * ELEMENTS
+
+    @T.prim_func(private=True, s_tir=True)
+    def lookup(var_ids: T.handle, values: T.Buffer((N // PANEL, K // 2, PAIR_BYTES), "uint8"),
+               table: T.Buffer((2 * CODES,), "uint8"),
+               offsets: T.Buffer((N // PANEL + 1,), "int32"), at: T.Buffer((E,), "int32"),
+               value: T.Buffer((E,), "float32"), var_rows: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        ids = T.match_buffer(var_ids, (m,), "int32")
+        rows = T.match_buffer(var_rows, (m, T.int64(K)), "bfloat16")
+        with T.sblock("packed_rows"):
+            bits = T.decl_buffer((m, T.int64(K)), "uint16", data=rows.data)
+            for t in range(m):
+                p: T.let = ids[t] // PANEL
+                r: T.let = ids[t] % PANEL
+                for kp, h in T.grid(pairs, 2):
+                    e: T.let = 2 * r + h  # the element of the k-pair (panel order)
+                    code: T.let = T.bitwise_and(T.shift_right(
+                        values[p, kp, SPAN + e // (2 * ELEMENTS) * ELEMENTS + e % ELEMENTS],
+                        T.Cast("uint8", 4 * (e // ELEMENTS % 2))), T.uint8(15))
+                    bits[t, 2 * kp + h] = T.bitwise_or(
+                        T.Cast("uint16", values[p, kp, e]),
+                        T.shift_left(T.Cast("uint16", table[code]), T.uint16(8)))
+                for j in range(offsets[p], offsets[p + 1]):
+                    if at[j] % SPAN // 2 == r:
+                        bits[t, 2 * (at[j] // SPAN) + at[j] % 2] = T.Cast("uint16", T.shift_right(
+                            T.reinterpret("uint32", value[j]), T.uint32(16)))
+
+    return lookup

@@ -57,3 +57,17 @@ def test_packed_gemm_matches_numpy(n, k):
         # the same bfloat16 products as the unpacked weight, exact in float32
         exact = x.astype(np.float32) @ weight.astype(np.float32).T
         np.testing.assert_allclose(y.numpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+def test_packed_rows_are_the_weight_rows():
+    """The token lookup of a tied model from its packed head: every row, exceptions included."""
+    n, k = 128, 64
+    weight = weight_with_outliers(n, k, 3)
+    packed = bf16_packed.pack(weight)
+    kernel = tvm.compile(bf16_packed.packed_rows(n, k, packed.exceptions).with_attr(
+        "global_symbol", "rows"), target=host_target())
+    ids = np.array([3, 0, n - 1, n // 2, 70, 3], np.int32)  # rows with exceptions, repeated
+    rows = tvm.runtime.tensor(np.zeros((len(ids), k), ml_dtypes.bfloat16))
+    kernel(tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in (
+        packed.values, packed.table, packed.offsets, packed.at, packed.value)], rows)
+    assert np.array_equal(rows.numpy().view(np.uint16), weight[ids].view(np.uint16))

@@ -36,8 +36,8 @@ def test_bfloat16_projections_on_panels_and_packed_head_match_hf(tied, make_chec
                                                                  make_artifact):
     """Where the CPU has bfloat16 dot products, the projections' weights are stored in panels
     (``schedules/bf16_panel.py``) and the head in 12 bits (``schedules/bf16_packed.py``; when
-    tied, a packed copy of the embedding table); a q/k/v bias is added to the float32 sums,
-    and the head's logits are its float32 sums."""
+    tied, the embedding table packed, which the token lookup then reads); a q/k/v bias is
+    added to the float32 sums, and the head's logits are its float32 sums."""
     if not bf16_dot.usable(host_target(), "bfloat16"):
         pytest.skip("builds store bfloat16 panels only for CPUs in bf16_dot.PAYS_ON")
     checkpoint = make_checkpoint(f"bf16-{'tied' if tied else 'bias-untied'}", **WIDER_CONFIG,
@@ -53,6 +53,8 @@ def test_bfloat16_projections_on_panels_and_packed_head_match_hf(tied, make_chec
               if bf16_packed.part_role(layout)}
     assert set(packed) == {"values", "table", "offsets", "at", "value"}
     assert packed["values"] == "lm_head.weight"
+    # tied: the packed head is the only table (tokens are looked up in it)
+    assert ("model.embed_tokens.weight" in layouts) is not tied
     assert math.prod(next(p["shape"] for p in params if p["name"] == "lm_head.weight")) \
         == 640 * WIDER_CONFIG["hidden_size"] * 3 // 2  # 12 bits a weight
     shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
