@@ -63,7 +63,7 @@ class Sources:
 
 def hf_sources(param_name: str, num_experts: int = 0, tied: bool = False) -> Sources:
     """Where one of our parameters comes from in an HF checkpoint (a tied head, which only a
-    quantized model has, is the embedding table)."""
+    quantized or 12-bit model has, is the embedding table)."""
     if tied and param_name == TIED_HEAD:
         return Sources(((TIED_EMBEDDING,),))
     for stacked, parts in STACKED_EXPERTS.items():
@@ -201,10 +201,10 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
     packed: dict[str, dict[str, np.ndarray]] = {}  # weight name -> its parts left to write
     for param in tqdm(params, desc="converting weights", unit="tensor", leave=False):
         role = bf16_packed.part_role(param.layout)
-        if role is not None:  # one part of a 12-bit bfloat16 weight (one shard only)
+        if role is not None:  # one part of a 12-bit bfloat16 weight (never cut)
             source = bf16_packed.part_source(param.name, role)
             if source not in packed:
-                weight = assemble(param, NUMPY_DTYPES["bfloat16"], packed_shape(params, source))
+                weight = assemble(param, NUMPY_DTYPES["bfloat16"], _packed_shape(params, source))
                 packed[source] = dataclasses.asdict(bf16_packed.pack(weight))
             array = packed[source].pop(role)
             if not packed[source]:
@@ -239,7 +239,7 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             yield param.name, [array] * shards
 
 
-def packed_shape(params: list[ParamInfo], source: str) -> tuple[int, ...]:
+def _packed_shape(params: list[ParamInfo], source: str) -> tuple[int, ...]:
     """The [n, k] shape of a packed weight, from its values part ([n / 64, k / 2, .])."""
     values = next(p for p in params if p.name == source)
     panels, pairs, _ = values.shape
