@@ -27,16 +27,15 @@ from qwen3c.compile.tuning import (
 )
 from qwen3c.compile.weights import (
     NUMPY_DTYPES,
-    TIED_HEAD,
     Checkpoint,
     check_coverage,
     converted_params,
-    hf_sources,
+    head_exceptions,
     write_shards,
 )
 from qwen3c.errors import ConfigError, Qwen3cError, TargetError
 from qwen3c.runtime.artifact import LIBRARY, MANIFEST, Manifest, ParamInfo, sha256_file
-from qwen3c.schedules import bf16_dot, bf16_packed, bf16_panel
+from qwen3c.schedules import bf16_dot, bf16_panel
 from qwen3c.schedules.quant import QuantScheme
 from qwen3c.targets import Target, get_target
 from qwen3c.targets.byoc_target import VENDOR_DIR
@@ -80,7 +79,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
             raise TargetError(f"target {backend.name} takes no tuning records")
         records = TuningRecords(Path(tuning_records), tvm_target)
     panels = _panels(backend, tvm_target, dtype)
-    packed_head = (_head_exceptions(model_dir, config) if panels and head_scheme is None
+    packed_head = (head_exceptions(model_dir, config) if panels and head_scheme is None
                    and parallel.vocab_shards(config.vocab_size) == 1
                    and bf16_panel.fits(config.vocab_size, config.hidden_size) else None)
     mod, named_params = _model_module(config, backend, dtype, parallel, scheme, head_scheme,
@@ -169,15 +168,6 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
 def _panels(backend: Target, tvm_target: tvm.target.Target, dtype: str) -> bool:
     """Whether the build stores its bfloat16 weights for the CPU's ``vdpbf16ps``."""
     return backend.name == "llvm" and bf16_dot.usable(tvm_target, dtype)
-
-
-def _head_exceptions(model_dir: Path, config: Qwen3Config) -> int:
-    """How many of the lm_head's values (the embedding table's when tied) its 12-bit packing
-    lists apart (``bf16_packed``): a parameter's size, needed before the graph is built."""
-    (name,), = hf_sources(TIED_HEAD, tied=config.tie_word_embeddings).rows
-    with Checkpoint(model_dir) as checkpoint:
-        weight = checkpoint.tensor(name)
-    return bf16_packed.count_exceptions(weight.astype(NUMPY_DTYPES["bfloat16"]))
 
 
 def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Parallelism,

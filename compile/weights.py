@@ -239,6 +239,16 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
             yield param.name, [array] * shards
 
 
+def head_exceptions(model_dir: Path, config: Qwen3Config) -> int:
+    """How many of the lm_head's values (the embedding table's when tied), converted to
+    bfloat16 as ``converted_params`` does, its 12-bit packing lists apart (``bf16_packed``):
+    a parameter's size, needed before the graph is built."""
+    (name,), = hf_sources(TIED_HEAD, tied=config.tie_word_embeddings).rows
+    with Checkpoint(model_dir) as checkpoint:
+        weight = _cast(checkpoint.tensor(name), NUMPY_DTYPES["bfloat16"])
+    return bf16_packed.count_exceptions(weight)
+
+
 def _packed_shape(params: list[ParamInfo], source: str) -> tuple[int, ...]:
     """The [n, k] shape of a packed weight, from its values part ([n / 64, k / 2, .])."""
     values = next(p for p in params if p.name == source)

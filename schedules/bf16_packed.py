@@ -67,13 +67,17 @@ class Packed:
         return int(self.offsets[-1])
 
 
-def high_byte_table(bits: np.ndarray) -> np.ndarray:
-    """The CODES high bytes of a table for these bfloat16 bit patterns: the most frequent
-    non-zero ones, then 0 (``ZERO_CODE``)."""
-    counts = np.bincount((bits >> 8).ravel(), minlength=256)
-    counts[0] = 0
+def high_byte_counts(bits: np.ndarray) -> np.ndarray:
+    """How often each of the 256 high bytes occurs in these bfloat16 bit patterns."""
+    return np.bincount((bits >> 8).ravel(), minlength=256)
+
+
+def high_byte_table(counts: np.ndarray) -> np.ndarray:
+    """The CODES high bytes of a table, from ``high_byte_counts``: the most frequent non-zero
+    ones, then 0 (``ZERO_CODE``)."""
     table = np.zeros(CODES, np.uint8)
-    table[:CODES - 1] = np.argsort(-counts, kind="stable")[:CODES - 1]
+    table[:CODES - 1] = np.argsort(-np.where(np.arange(256) == 0, 0, counts),
+                                   kind="stable")[:CODES - 1]
     return table
 
 
@@ -81,8 +85,8 @@ def count_exceptions(weight: np.ndarray) -> int:
     """How many values of ``weight`` (bfloat16) ``pack`` keeps in its exception list: the
     compiler needs the count (a parameter's shape) before it builds the graph."""
     bits = np.ascontiguousarray(weight).view(np.uint16)
-    counts = np.bincount((bits >> 8).ravel(), minlength=256)
-    return int(bits.size - counts[np.union1d(high_byte_table(bits), [0])].sum())
+    counts = high_byte_counts(bits)
+    return int(bits.size - counts[np.unique(high_byte_table(counts))].sum())
 
 
 def parameter_shapes(n: int, k: int, exceptions: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -91,6 +95,12 @@ def parameter_shapes(n: int, k: int, exceptions: int) -> dict[str, tuple[tuple[i
     return {"values": ((n // PANEL, k // 2, PAIR_BYTES), "uint8"),
             "table": ((2 * CODES,), "uint8"), "offsets": ((n // PANEL + 1,), "int32"),
             "at": ((E,), "int32"), "value": ((E,), "float32")}
+
+
+def _part_buffers(n: int, k: int, exceptions: int) -> list[tirx.Buffer]:
+    """The kernels' buffers of the parts, in ``parameter_shapes``' (and ``Packed``'s) order."""
+    return [T.Buffer(shape, dtype)
+            for shape, dtype in parameter_shapes(n, k, exceptions).values()]
 
 
 def part_layout(role: str) -> str:
@@ -113,7 +123,7 @@ def pack(weight: np.ndarray) -> Packed:
     """``weight`` ([n, k] bfloat16, n a multiple of PANEL, k of ``bf16_dot.STEP``) packed."""
     n, k = weight.shape
     bits = np.ascontiguousarray(weight).view(np.uint16)
-    table = high_byte_table(bits)
+    table = high_byte_table(high_byte_counts(bits))
     code_of = np.full(256, ZERO_CODE, np.uint8)
     code_of[table[:CODES - 1]] = np.arange(CODES - 1, dtype=np.uint8)
     code_of[0] = ZERO_CODE  # also where the table is short of non-zero high bytes
@@ -230,17 +240,17 @@ def projection(n: int, k: int, out_dtype: str):
 @functools.cache
 def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> tirx.PrimFunc:
     """``projection`` as a kernel, for a weight with this many exceptions."""
-    N, K, E = n, k, max(exceptions, 1)
+    K = k
     body = projection(n, k, out_dtype)
+    VALUES, TABLE, OFFSETS, AT, VALUE = _part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
-    def gemm(var_x: T.handle, values: T.Buffer((N // PANEL, K // 2, PAIR_BYTES), "uint8"),
-             table: T.Buffer((2 * CODES,), "uint8"), offsets: T.Buffer((N // PANEL + 1,), "int32"),
-             at: T.Buffer((E,), "int32"), value: T.Buffer((E,), "float32"), var_y: T.handle):
+    def gemm(var_x: T.handle, values: VALUES, table: TABLE, offsets: OFFSETS, at: AT,
+             value: VALUE, var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         m = T.int64()
         x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
-        y = T.match_buffer(var_y, (m, T.int64(N)), out_dtype)
+        y = T.match_buffer(var_y, (m, T.int64(n)), out_dtype)
         body(x, values, table, offsets, at, value, y, m)
 
     return gemm
@@ -251,14 +261,13 @@ def packed_rows(n: int, k: int, exceptions: int) -> tirx.PrimFunc:
     """rows[t] = W[ids[t]] in bfloat16, decoded from a packed [n, k] W: the token lookup of a
     tied model whose embedding table is its packed head (one table, not two). Scalar code:
     k values per token, a few microseconds."""
-    N, K, E = n, k, max(exceptions, 1)
+    K = k
     pairs, SPAN = K // bf16_dot.PAIRS, VECTORS * ELEMENTS
+    VALUES, TABLE, OFFSETS, AT, VALUE = _part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
-    def lookup(var_ids: T.handle, values: T.Buffer((N // PANEL, K // 2, PAIR_BYTES), "uint8"),
-               table: T.Buffer((2 * CODES,), "uint8"),
-               offsets: T.Buffer((N // PANEL + 1,), "int32"), at: T.Buffer((E,), "int32"),
-               value: T.Buffer((E,), "float32"), var_rows: T.handle):
+    def lookup(var_ids: T.handle, values: VALUES, table: TABLE, offsets: OFFSETS, at: AT,
+               value: VALUE, var_rows: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         m = T.int64()
         ids = T.match_buffer(var_ids, (m,), "int32")
