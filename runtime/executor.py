@@ -22,7 +22,7 @@ from tvm.runtime import ShapeTuple
 
 from qwen3c.errors import TargetError, WorkerError
 from qwen3c.runtime.artifact import LIBRARY, Manifest, load_params
-from qwen3c.runtime.host_memory import is_host
+from qwen3c.runtime.host_memory import ReusedInputs, is_host
 from qwen3c.runtime.offload import attach_partitions
 from qwen3c.runtime.worker_side import take_failure
 from qwen3c.runtime.workers import WorkerProcesses, disco_module
@@ -67,17 +67,25 @@ class LocalExecutor(Executor):
         attach_partitions(library, directory, manifest, reference_partitions)
         self._vm = tvm.relax.VirtualMachine(library, device)
         self._params = load_params(directory, manifest, device)
+        self._entries: dict[str, Any] = {}  # the VM's functions, looked up once
+        self._globals: dict[str, Any] = {}
+        self._inputs = ReusedInputs() if is_host(device) else None
 
     def builtin(self, name: str, *args: Any) -> Any:
-        return tvm.get_global_func(name)(*args)
+        if name not in self._globals:
+            self._globals[name] = tvm.get_global_func(name)
+        return self._globals[name](*args)
 
     def create_kv_cache(self, *sizes: int) -> Any:
         return self._vm["create_paged_kv_cache"](*(ShapeTuple([s]) for s in sizes))
 
     def run(self, entry: str, inputs: Sequence[np.ndarray], kv_cache: Any,
             outputs: int = 1) -> list[np.ndarray]:
-        on_device = (tvm.runtime.tensor(a, self._device) for a in inputs)
-        result = self._vm[entry](*on_device, kv_cache, self._params)
+        on_device = (self._inputs(list(inputs)) if self._inputs is not None
+                     else (tvm.runtime.tensor(a, self._device) for a in inputs))
+        if entry not in self._entries:
+            self._entries[entry] = self._vm[entry]
+        result = self._entries[entry](*on_device, kv_cache, self._params)
         return [_host_view(result)] if outputs == 1 else [_host_view(r) for r in result]
 
     def close(self) -> None:

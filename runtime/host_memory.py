@@ -29,6 +29,40 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def aligned_tensor(array: np.ndarray) -> tuple[tvm.runtime.Tensor, np.ndarray]:
+    """A CPU tensor holding a copy of ``array``, and a numpy view of the same memory (a 64-byte
+    aligned numpy allocation handed to TVM by DLPack)."""
+    padded = np.empty(array.size + TENSOR_ALIGN // array.itemsize, array.dtype)
+    start = (-padded.ctypes.data % TENSOR_ALIGN) // array.itemsize
+    aligned = padded[start:start + array.size].reshape(array.shape)
+    aligned[...] = array
+    return tvm.runtime.from_dlpack(aligned), aligned
+
+
+class ReusedInputs:
+    """CPU tensors for a model call's inputs (token ids, positions), each kept and written over
+    while its shape stays the same, as in every step of a steady decode. After the weights
+    have streamed through the caches, Python runs cold: on the Zen 3 host
+    ``tvm.runtime.tensor`` took 173 us per decode step, a fresh ``aligned_tensor`` 73 us,
+    writing into the kept one 20 us. The compiled functions do not keep their inputs."""
+
+    def __init__(self) -> None:
+        self._kept: list[tuple[tvm.runtime.Tensor, np.ndarray]] = []
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
+        tensors = []
+        for index, array in enumerate(inputs):
+            if index == len(self._kept):
+                self._kept.append(aligned_tensor(array))
+            tensor, view = self._kept[index]
+            if view.shape == array.shape and view.dtype == array.dtype:
+                view[...] = array
+            else:
+                tensor, view = self._kept[index] = aligned_tensor(array)
+            tensors.append(tensor)
+        return tensors
+
+
 class HugePageArena:
     """Host tensors carved, one after another, out of one mapping of ``capacity`` bytes (at
     least the sum of the tensors' sizes, each rounded up to TENSOR_ALIGN). The mapping lives

@@ -30,6 +30,8 @@ class PagedKVCache:
                                                prefill_chunk_size, page_size, 0)
         self.lengths: dict[int, int] = {}
         self._next_id = 0
+        self._forward_shape: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self._forward_tuples = (ShapeTuple([]), ShapeTuple([]))
 
     def _call(self, builtin: str, *args) -> object:
         return self._executor.builtin(f"vm.builtin.{builtin}", self.handle, *args)
@@ -72,12 +74,16 @@ class PagedKVCache:
             raise RequestError(f"a forward holds at most {self.max_batch_size} sequences")
         needed = sum(self.pages_for(self.lengths[s] + n) - self.pages_for(self.lengths[s])
                      for s, n in zip(seq_ids, lengths, strict=True))
-        if needed > self.free_pages():
+        if needed and needed > self.free_pages():
             raise RequestError(
                 f"the KV cache is full: this step needs {needed} more pages of {self.page_size} "
                 f"tokens, {self.free_pages()} are free; use fewer or shorter requests, or load "
                 "the model with a larger kv_cache_tokens")
-        self._call("kv_state_begin_forward", ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+        shape = (tuple(seq_ids), tuple(lengths))
+        if shape != self._forward_shape:  # the same every decode step of a steady batch
+            self._forward_shape = shape
+            self._forward_tuples = (ShapeTuple(shape[0]), ShapeTuple(shape[1]))
+        self._call("kv_state_begin_forward", *self._forward_tuples)
         try:
             yield
         finally:

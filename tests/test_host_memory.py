@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qwen3c.runtime.host_memory import HUGE_PAGE, TENSOR_ALIGN, HugePageArena
+from qwen3c.runtime.host_memory import HUGE_PAGE, TENSOR_ALIGN, HugePageArena, ReusedInputs
 
 ARRAYS = [
     np.arange(-7, 8, dtype=np.int32).reshape(3, 5),
@@ -37,6 +37,19 @@ def test_an_arena_refuses_more_than_its_capacity():
     arena.tensor(ARRAYS[0], "int32")
     with pytest.raises(ValueError, match="bytes left"):
         arena.tensor(ARRAYS[0], "int32")
+
+
+def test_reused_inputs_write_over_their_tensors_while_the_shape_holds():
+    inputs = ReusedInputs()
+    first = inputs([np.array([3], np.int32), np.array([0, 1], np.int32)])
+    again = inputs([np.array([7], np.int32), np.array([5, 6], np.int32)])
+    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in first]
+    assert [t.numpy().tolist() for t in again] == [[7], [5, 6]]
+    wider = inputs([np.array([1, 2], np.int32), np.array([4, 5], np.int64)])
+    assert wider[0].data_ptr() != first[0].data_ptr()
+    assert [t.numpy().tolist() for t in wider] == [[1, 2], [4, 5]]
+    assert [str(t.dtype) for t in wider] == ["int32", "int64"]
+    assert all(t.data_ptr() % TENSOR_ALIGN == 0 for t in wider)
 
 
 def thp_mode() -> str | None:
