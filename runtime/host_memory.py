@@ -50,17 +50,16 @@ class ReusedInputs:
         self._kept: list[tuple[tvm.runtime.Tensor, np.ndarray]] = []
 
     def __call__(self, inputs: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
-        tensors = []
         for index, array in enumerate(inputs):
             if index == len(self._kept):
                 self._kept.append(aligned_tensor(array))
-            tensor, view = self._kept[index]
+                continue
+            view = self._kept[index][1]
             if view.shape == array.shape and view.dtype == array.dtype:
                 view[...] = array
             else:
-                tensor, view = self._kept[index] = aligned_tensor(array)
-            tensors.append(tensor)
-        return tensors
+                self._kept[index] = aligned_tensor(array)
+        return [tensor for tensor, _ in self._kept[:len(inputs)]]
 
 
 class HugePageArena:
