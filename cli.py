@@ -364,6 +364,9 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
 @click.option("--prompt-lengths", default="128", show_default=True,
               help="Comma-separated prompt lengths for prefill.")
 @click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option("--decode-contexts", default="32", show_default=True,
+              help="Comma-separated prompt lengths decode starts from (prefilled untimed), "
+                   "e.g. 32,2048 for decode at a long context too.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Median of this many.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --vs-llama-cpp: alternate the artifact and llama.cpp this many "
@@ -383,8 +386,9 @@ def verify_command(artifact: Path, model_dir: Path, text_file: Path | None) -> N
               help="Write the results as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG here: prefill tok/s against prompt length, decode tok/s.")
-def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs: int,
-                  rounds: int, threads: int | None, devices: str | None, hf_dir: Path | None,
+def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int,
+                  decode_contexts: str, runs: int, rounds: int, threads: int | None,
+                  devices: str | None, hf_dir: Path | None,
                   other: Path | None, llama_bench: Path | None, gguf: Path | None,
                   json_path: Path | None, plot_path: Path | None) -> None:
     """Decode and prefill tokens/s, time to first token and peak memory of ARTIFACT, optionally
@@ -393,10 +397,8 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     from qwen3c.runtime import bench
     from qwen3c.targets import get_target
 
-    try:
-        lengths = [int(n) for n in prompt_lengths.split(",")]
-    except ValueError:
-        raise click.BadParameter("--prompt-lengths takes integers, e.g. 32,128") from None
+    lengths = _positive_integers(prompt_lengths, "--prompt-lengths", "32,128")
+    contexts = _positive_integers(decode_contexts, "--decode-contexts", "32,2048")
     if (llama_bench is None) != (gguf is None):
         raise click.UsageError("--vs-llama-cpp and --gguf go together")
     if llama_bench is not None:  # refused before anything is timed
@@ -409,14 +411,20 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     measure_memory = bench.reset_peak_memory()
 
     def timed(model) -> list:
-        rows = bench.bench_qwen3c(model, *bench.standard_prompts(model.vocab_size, lengths),
-                                  decode_tokens, runs)
+        if max(contexts) + decode_tokens > model.context_length:
+            raise click.BadParameter(
+                f"decode from a {max(contexts)}-token context for {decode_tokens} tokens "
+                f"needs {max(contexts) + decode_tokens} positions; this artifact holds "
+                f"{model.context_length}", param_hint="--decode-contexts")
+        prompts = bench.standard_prompts(model.vocab_size, lengths, contexts)
+        rows = bench.bench_qwen3c(model, *prompts, decode_tokens, runs)
         if measure_memory:
             rows.append(bench.peak_memory_row(rows[0].engine, model.executor.worker_pids()))
         return rows
 
     def llama_cpp(threads_used: int) -> list:
-        return bench_llama_cpp(llama_bench, gguf, threads_used, lengths, decode_tokens, runs)
+        return bench_llama_cpp(llama_bench, gguf, threads_used, lengths, contexts,
+                               decode_tokens, runs)
 
     def measured(path: Path, partner: Callable[[int], list] | None = None,
                  **options) -> tuple[list, list, Any]:
@@ -445,8 +453,8 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     rows += other_rows
     if hf_dir is not None:
         bench.reset_peak_memory()
-        prompts, decode_prompt = bench.standard_prompts(vocab_size, lengths)
-        rows += bench.bench_hf(hf_dir, manifest.dtype, threads_used, prompts, decode_prompt,
+        prompts, decode_prompts = bench.standard_prompts(vocab_size, lengths, contexts)
+        rows += bench.bench_hf(hf_dir, manifest.dtype, threads_used, prompts, decode_prompts,
                                decode_tokens, runs, get_target(manifest.target.name).device_kind)
         if measure_memory:
             rows.append(bench.peak_memory_row("hf-eager", []))
@@ -458,12 +466,24 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int, runs:
     if json_path is not None:
         bench.write_json(json_path, rows, {"artifact": str(artifact), "threads": threads_used,
                                            "dtype": manifest.dtype, "runs": runs,
-                                           "rounds": rounds, "decode_tokens": decode_tokens})
+                                           "rounds": rounds, "decode_tokens": decode_tokens,
+                                           "decode_contexts": contexts})
     if plot_path is not None:
         from qwen3c.runtime.bench_plot import plot_rows
 
         plot_rows(rows, plot_path, f"{artifact.name}: {manifest.dtype}, "
                                    f"{threads_used or 'device'} threads")
+
+
+def _positive_integers(text: str, option: str, example: str) -> list[int]:
+    """A comma-separated list of positive integers, or a usage error naming ``option``."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{option} takes positive integers, e.g. {example}")
+    return values
 
 
 @main.command("bench-serve")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +21,42 @@ from qwen3c.runtime.artifact import Manifest
 from qwen3c.runtime.model import Model
 from qwen3c.schedules.quant import QuantScheme
 
-DECODE_CONTEXT = 32  # decode starts from a prompt of this many tokens
+DECODE_CONTEXT = 32  # decode starts from a prompt of this many tokens, unless asked otherwise
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
     engine: str
-    metric: str  # "decode", "prefill-<prompt length>", "ttft-<prompt length>", "peak-rss"
+    metric: str  # "decode" (after DECODE_CONTEXT tokens), "decode-at-<context>",
+    #             "prefill-<prompt length>", "ttft-<prompt length>", "peak-rss"
     value: float
     unit: str = "tok/s"  # or "ms" (time to first token), "GB" (peak resident memory)
 
 
-def bench_qwen3c(model: Model, prompts: dict[int, list[int]], decode_prompt: list[int],
-                 decode_tokens: int, runs: int) -> list[BenchRow]:
+def decode_metric(context: int) -> str:
+    """The name of the decode row that starts after ``context`` prompt tokens."""
+    return "decode" if context == DECODE_CONTEXT else f"decode-at-{context}"
+
+
+def decode_context(metric: str) -> int | None:
+    """The context a decode row starts from (None for other rows)."""
+    if metric == "decode":
+        return DECODE_CONTEXT
+    return int(metric.removeprefix("decode-at-")) if metric.startswith("decode-at-") else None
+
+
+def bench_qwen3c(model: Model, prompts: dict[int, list[int]],
+                 decode_prompts: dict[int, list[int]], decode_tokens: int,
+                 runs: int) -> list[BenchRow]:
     engine = engine_label(model.manifest)
 
-    def decode_rate() -> float:
-        timings = model.generate(decode_prompt, max_new_tokens=decode_tokens,
-                                 ignore_eos=True).timings
+    def decode_rate(prompt: list[int]) -> float:
+        timings = model.generate(prompt, max_new_tokens=decode_tokens, ignore_eos=True).timings
         return timings.decode_tokens_per_s
 
-    model.generate(decode_prompt, max_new_tokens=4)  # warm-up: first-call allocations
-    rows = [BenchRow(engine, "decode", _median(decode_rate, runs))]
+    model.generate(next(iter(decode_prompts.values())), max_new_tokens=4)  # first-call work
+    rows = [BenchRow(engine, decode_metric(n), _median(partial(decode_rate, ids), runs))
+            for n, ids in decode_prompts.items()]
     for n, ids in prompts.items():
         # The first token is sampled when the prompt's prefill ends: that time is the TTFT.
         prefills = sorted(model.generate(ids, max_new_tokens=1).timings.prefill_s
@@ -93,21 +108,22 @@ def _vm_hwm_kib(pid: int | str) -> int:
 
 
 def bench_hf(model_dir: Path, dtype: str, threads: int | None, prompts: dict[int, list[int]],
-             decode_prompt: list[int], decode_tokens: int, runs: int,
+             decode_prompts: dict[int, list[int]], decode_tokens: int, runs: int,
              device: str = "cpu") -> list[BenchRow]:
     """HF eager on the torch device the artifact runs on ("cpu" or "cuda")."""
     from qwen3c.reference import HFReference
 
     reference = HFReference(model_dir, dtype, threads=threads, device=device)
-    reference.time_generate(decode_prompt, 4)  # warm-up
+    reference.time_generate(next(iter(decode_prompts.values())), 4)  # warm-up
 
-    def decode_rate() -> float:
+    def decode_rate(prompt: list[int]) -> float:
         # Generating n tokens minus generating 1 leaves n - 1 decode steps, as llama-bench does.
-        full = reference.time_generate(decode_prompt, decode_tokens)
-        first = reference.time_generate(decode_prompt, 1)
+        full = reference.time_generate(prompt, decode_tokens)
+        first = reference.time_generate(prompt, 1)
         return (decode_tokens - 1) / (full - first)
 
-    rows = [BenchRow("hf-eager", "decode", _median(decode_rate, runs))]
+    rows = [BenchRow("hf-eager", decode_metric(n), _median(partial(decode_rate, ids), runs))
+            for n, ids in decode_prompts.items()]
     for n, ids in prompts.items():
         seconds = statistics.median(reference.time_prefill(ids) for _ in range(runs))
         rows += [BenchRow("hf-eager", f"prefill-{n}", n / seconds),
@@ -134,12 +150,12 @@ def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> dict[i
     return {n: rng.integers(0, vocab_size, n).tolist() for n in lengths}
 
 
-def standard_prompts(vocab_size: int,
-                     lengths: list[int]) -> tuple[dict[int, list[int]], list[int]]:
-    """The prefill prompts of the given lengths, and the 32-token prompt decode starts from:
-    the same for every engine of a run."""
-    decode_prompt = random_prompts(vocab_size, [DECODE_CONTEXT], seed=1)[DECODE_CONTEXT]
-    return random_prompts(vocab_size, lengths), decode_prompt
+def standard_prompts(vocab_size: int, lengths: list[int], decode_contexts: list[int]
+                     ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """The prefill prompts of the given lengths, and the prompts decode starts from, one per
+    context length: the same for every engine of a run."""
+    decode_prompts = {n: random_prompts(vocab_size, [n], seed=1)[n] for n in decode_contexts}
+    return random_prompts(vocab_size, lengths), decode_prompts
 
 
 def format_table(rows: list[BenchRow]) -> str:

@@ -1,8 +1,8 @@
 """``qwen3c bench --plot``: a PNG of the benchmark rows, one line or bar per engine.
 
 Left: prefill tok/s against prompt length (the context the prefill builds); right: decode
-tok/s after a ``DECODE_CONTEXT``-token context. Needs matplotlib (``pip install
-'qwen3c[plot]'``).
+tok/s against the context decode starts from (``--decode-contexts``). Needs matplotlib
+(``pip install 'qwen3c[plot]'``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen3c.errors import Qwen3cError
-from qwen3c.runtime.bench import DECODE_CONTEXT, BenchRow
+from qwen3c.runtime.bench import BenchRow, decode_context
 
 
 def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
@@ -28,20 +28,20 @@ def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
         1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
     prefill = sorted((int(r.metric.removeprefix("prefill-")), r.value, r.engine) for r in rows
                      if r.metric.startswith("prefill-"))
-    for engine in engines:
-        points = [(n, value) for n, value, e in prefill if e == engine]
-        if points:
-            prefill_axes.plot(*zip(*points, strict=True), marker="o", label=engine,
-                              color=color[engine])
-    prefill_axes.set(xscale="log", xlabel="prompt length (tokens)", ylabel="prefill tok/s",
-                     title="prefill")
-    lengths = sorted({n for n, _, _ in prefill})
-    prefill_axes.set_xticks(lengths, [str(n) for n in lengths])
-    prefill_axes.minorticks_off()
+    decode = sorted((decode_context(r.metric), r.value, r.engine) for r in rows
+                    if decode_context(r.metric) is not None)
+    for axes, points, what in ((prefill_axes, prefill, "prefill"), (decode_axes, decode, "decode")):
+        for engine in engines:
+            line = [(n, value) for n, value, e in points if e == engine]
+            if line:
+                axes.plot(*zip(*line, strict=True), marker="o", label=engine,
+                          color=color[engine])
+        ticks = sorted({n for n, _, _ in points})
+        axes.set(xscale="log", ylabel=f"{what} tok/s", title=what,
+                 xlabel="prompt length (tokens)" if what == "prefill" else "context (tokens)")
+        axes.set_xticks(ticks, [str(n) for n in ticks])
+        axes.minorticks_off()
     prefill_axes.legend()
-    decode = {r.engine: r.value for r in rows if r.metric == "decode"}
-    decode_axes.bar(list(decode), list(decode.values()), color=[color[e] for e in decode])
-    decode_axes.set(ylabel="decode tok/s", title=f"decode after {DECODE_CONTEXT} tokens")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -1,8 +1,9 @@
 """llama.cpp's ``llama-bench`` on a GGUF file, as rows beside qwen3c's in ``qwen3c bench``.
 
 The runs mirror qwen3c's own: prefill of each prompt length from an empty context, and decode of
-``decode_tokens`` new tokens after a 32-token context (``-d 32``, prefilled untimed), on the
-same number of threads. Each figure is the median of llama-bench's per-repetition samples.
+``decode_tokens`` new tokens after each decode context (``-d 32`` by default, prefilled
+untimed), on the same number of threads. Each figure is the median of llama-bench's
+per-repetition samples.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from qwen3c.errors import Qwen3cError
-from qwen3c.runtime.bench import DECODE_CONTEXT, BenchRow
+from qwen3c.runtime.bench import BenchRow, decode_metric
 
 ENGINE = "llama.cpp"
 
@@ -26,12 +27,15 @@ def check_inputs(llama_bench: Path, gguf: Path) -> None:
 
 
 def bench_llama_cpp(llama_bench: Path, gguf: Path, threads: int, prompt_lengths: list[int],
-                    decode_tokens: int, runs: int) -> list[BenchRow]:
+                    decode_contexts: list[int], decode_tokens: int,
+                    runs: int) -> list[BenchRow]:
     common = [str(llama_bench), "-m", str(gguf), "-t", str(threads), "-r", str(runs),
               "-o", "jsonl"]
-    decode = _run([*common, "-p", "0", "-n", str(decode_tokens), "-d", str(DECODE_CONTEXT)])
+    decode = _run([*common, "-p", "0", "-n", str(decode_tokens),
+                   "-d", ",".join(map(str, decode_contexts))])
     prefill = _run([*common, "-p", ",".join(map(str, prompt_lengths)), "-n", "0", "-d", "0"])
-    rows = [BenchRow(ENGINE, "decode", statistics.median(decode[0]["samples_ts"]))]
+    rows = [BenchRow(ENGINE, decode_metric(result["n_depth"]),
+                     statistics.median(result["samples_ts"])) for result in decode]
     for result in prefill:
         n, rate = result["n_prompt"], statistics.median(result["samples_ts"])
         rows += [BenchRow(ENGINE, f"prefill-{n}", rate),

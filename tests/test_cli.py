@@ -131,8 +131,8 @@ def test_bench_writes_a_table_and_json(make_artifact, tiny_checkpoint, tmp_path)
 
 FAKE_LLAMA_BENCH = """#!{python}
 # Stands in for llama-bench: prints its JSON lines with set figures (round r's decode rate is
-# RATES[r], prefill 10x that) and logs each call (the test logs qwen3c's passes there too),
-# to test how `qwen3c bench` drives it.
+# RATES[r] after each context of -d, prefill 10x that) and logs each call (the test logs
+# qwen3c's passes there too), to test how `qwen3c bench` drives it.
 import json, pathlib, sys
 RATES = [10.0, 30.0, 20.0]
 log = pathlib.Path(sys.argv[0] + ".calls")
@@ -142,7 +142,8 @@ with log.open("a") as out:
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 rate = RATES[len(calls) // 2]  # each round: a decode call, then a prefill call
 if args["-p"] == "0":
-    print(json.dumps({{"n_prompt": 0, "samples_ts": [rate]}}))
+    for depth in args["-d"].split(","):
+        print(json.dumps({{"n_prompt": 0, "n_depth": int(depth), "samples_ts": [rate]}}))
 else:
     for n in args["-p"].split(","):
         print(json.dumps({{"n_prompt": int(n), "samples_ts": [rate * 10]}}))
@@ -168,17 +169,32 @@ def test_bench_alternates_rounds_with_llama_cpp(make_artifact, tiny_checkpoint, 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     out = tmp_path / "bench.json"
     shown = invoke("bench", make_artifact(tiny_checkpoint), "--prompt-lengths", "4,8",
-                   "--decode-tokens", "2", "--runs", "1", "--rounds", "3",
-                   "--vs-llama-cpp", fake, "--gguf", tmp_path / "m.gguf", "--json", out).output
+                   "--decode-tokens", "2", "--decode-contexts", "32,48", "--runs", "1",
+                   "--rounds", "3", "--vs-llama-cpp", fake, "--gguf", tmp_path / "m.gguf",
+                   "--json", out).output
     assert "median of 3 rounds with llama.cpp" in shown and "qwen3c/llama.cpp" in shown
     turns = log.read_text().splitlines()
     assert [turn == "qwen3c" for turn in turns] == [True, False, False] * 3  # they take turns
     calls = [turn for turn in turns if turn != "qwen3c"]
     assert len(calls) == 6 and all("-r 1" in call for call in calls)
+    assert all("-d 32,48" in call for call in calls[::2])  # the decode calls
     value = {(r["engine"], r["metric"]): r["value"] for r in json.loads(out.read_text())["rows"]}
     assert value["llama.cpp", "decode"] == 20.0  # the median of the rounds' 10, 30, 20
+    assert value["llama.cpp", "decode-at-48"] == 20.0
+    assert value["qwen3c", "decode-at-48"] > 0
     assert value["llama.cpp", "prefill-8"] == 200.0
     assert value["qwen3c", "decode"] > 0 and value["qwen3c", "peak-rss"] > 0
+
+
+@pytest.mark.parametrize("contexts, message", [("0", "positive integers"),
+                                               ("32,x", "positive integers"),
+                                               ("1000000", "positions")])
+def test_bench_refuses_decode_contexts_it_cannot_run(make_artifact, tiny_checkpoint, contexts,
+                                                     message):
+    ran = CliRunner().invoke(main, ["bench", str(make_artifact(tiny_checkpoint)), "--runs", "1",
+                                    "--decode-tokens", "2", "--decode-contexts", contexts])
+    assert ran.exit_code == 2 and message in ran.output
+    assert "Traceback" not in ran.output
 
 
 def test_bench_vs_llama_cpp_refuses_missing_inputs(make_artifact, tiny_checkpoint, tmp_path):
