@@ -395,27 +395,31 @@ def bench_command(artifact: Path, prompt_lengths: str, decode_tokens: int,
     beside HF transformers, llama.cpp or another artifact."""
     import qwen3c
     from qwen3c.runtime import bench
+    from qwen3c.runtime.artifact import read_manifest
     from qwen3c.targets import get_target
 
     lengths = _positive_integers(prompt_lengths, "--prompt-lengths", "32,128")
     contexts = _positive_integers(decode_contexts, "--decode-contexts", "32,2048")
     if (llama_bench is None) != (gguf is None):
         raise click.UsageError("--vs-llama-cpp and --gguf go together")
-    if llama_bench is not None:  # refused before anything is timed
-        from qwen3c.runtime.artifact import read_manifest
+    # refused before anything is loaded or timed
+    manifests = {path: read_manifest(path)[1] for path in (artifact, other) if path is not None}
+    positions = max(contexts) + decode_tokens
+    for path, held in manifests.items():
+        if positions > held.context_length:
+            raise click.BadParameter(
+                f"decode from a {max(contexts)}-token context for {decode_tokens} tokens "
+                f"needs {positions} positions; {path} holds {held.context_length}",
+                param_hint="--decode-contexts")
+    if llama_bench is not None:
         from qwen3c.runtime.llama_bench import bench_llama_cpp, check_inputs
 
-        if get_target(read_manifest(artifact)[1].target.name).device_kind != "cpu":
+        if get_target(manifests[artifact].target.name).device_kind != "cpu":
             raise click.UsageError("--vs-llama-cpp compares CPU artifacts (host threads)")
         check_inputs(llama_bench, gguf)
     measure_memory = bench.reset_peak_memory()
 
     def timed(model) -> list:
-        if max(contexts) + decode_tokens > model.context_length:
-            raise click.BadParameter(
-                f"decode from a {max(contexts)}-token context for {decode_tokens} tokens "
-                f"needs {max(contexts) + decode_tokens} positions; this artifact holds "
-                f"{model.context_length}", param_hint="--decode-contexts")
         prompts = bench.standard_prompts(model.vocab_size, lengths, contexts)
         rows = bench.bench_qwen3c(model, *prompts, decode_tokens, runs)
         if measure_memory:

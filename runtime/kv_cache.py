@@ -6,6 +6,7 @@ forward is checked against the free pages first and refused with a ``RequestErro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,14 @@ from tvm.runtime import ShapeTuple
 
 from qwen3c.errors import RequestError
 from qwen3c.runtime.executor import Executor
+
+
+@functools.lru_cache(maxsize=1)
+def _shape_tuples(seq_ids: tuple[int, ...], lengths: tuple[int, ...]
+                  ) -> tuple[ShapeTuple, ShapeTuple]:
+    """A forward's sequences and lengths as TVM shapes; the last pair is kept, as every decode
+    step of a steady batch asks for the same one (a ShapeTuple costs ~4 us to build)."""
+    return ShapeTuple(seq_ids), ShapeTuple(lengths)
 
 
 class PagedKVCache:
@@ -30,8 +39,6 @@ class PagedKVCache:
                                                prefill_chunk_size, page_size, 0)
         self.lengths: dict[int, int] = {}
         self._next_id = 0
-        self._forward_shape: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-        self._forward_tuples = (ShapeTuple([]), ShapeTuple([]))
 
     def _call(self, builtin: str, *args) -> object:
         return self._executor.builtin(f"vm.builtin.{builtin}", self.handle, *args)
@@ -79,11 +86,7 @@ class PagedKVCache:
                 f"the KV cache is full: this step needs {needed} more pages of {self.page_size} "
                 f"tokens, {self.free_pages()} are free; use fewer or shorter requests, or load "
                 "the model with a larger kv_cache_tokens")
-        shape = (tuple(seq_ids), tuple(lengths))
-        if shape != self._forward_shape:  # the same every decode step of a steady batch
-            self._forward_shape = shape
-            self._forward_tuples = (ShapeTuple(shape[0]), ShapeTuple(shape[1]))
-        self._call("kv_state_begin_forward", *self._forward_tuples)
+        self._call("kv_state_begin_forward", *_shape_tuples(tuple(seq_ids), tuple(lengths)))
         try:
             yield
         finally:
