@@ -75,13 +75,16 @@ def main() -> None:
               "q4 reads fewer bytes and moves the logits more).")
 @click.option("--tuning-records", type=click.Path(path_type=Path), default=None,
               help="Replay the schedules `qwen3c tune` wrote into this directory.")
+@click.option("--packed-weights/--no-packed-weights", default=True, show_default=True,
+              help="bfloat16 on a CPU with bfloat16 dot products: keep the lm_head and the "
+              "dense projections losslessly in 12 bits (3/4 of the bytes decode reads).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pipeline phase into this directory.")
 def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | None, dtype: str,
                     context_length: int | None, prefill_chunk: int | None, output: Path,
                     tensor_parallel: int, expert_parallel: bool, quant: str | None,
                     quant_group: int, quant_head: str | None, tuning_records: Path | None,
-                    dump_ir: Path | None) -> None:
+                    packed_weights: bool, dump_ir: Path | None) -> None:
     """Compile the Hugging Face checkpoint in MODEL_DIR into an artifact directory."""
     from qwen3c.compile import compile_model
     from qwen3c.runtime.artifact import read_manifest
@@ -90,7 +93,8 @@ def compile_command(model_dir: Path, target: str, arch: str | None, cpu: str | N
                         cpu=cpu, context_length=context_length,
                         prefill_chunk_size=prefill_chunk, tensor_parallel=tensor_parallel,
                         expert_parallel=expert_parallel, quant=quant, quant_group=quant_group,
-                        quant_head=quant_head, tuning_records=tuning_records, dump_ir=dump_ir)
+                        quant_head=quant_head, tuning_records=tuning_records,
+                        packed_weights=packed_weights, dump_ir=dump_ir)
     _, manifest = read_manifest(out)
     shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
     shards += f", {_short_quant(manifest.quant)}" if manifest.quant else ""

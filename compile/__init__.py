@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from qwen3c.compile.weights import (
     check_coverage,
     converted_params,
     head_exceptions,
+    projection_exceptions,
     write_shards,
 )
 from qwen3c.errors import ConfigError, Qwen3cError, TargetError
@@ -53,7 +55,7 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                   tensor_parallel: int = 1, expert_parallel: bool = False,
                   quant: str | None = None, quant_group: int = DEFAULT_GROUP,
                   quant_head: str | None = None, tuning_records: str | Path | None = None,
-                  dump_ir: str | Path | None = None) -> Path:
+                  packed_weights: bool = True, dump_ir: str | Path | None = None) -> Path:
     """Compile a Qwen3 checkpoint into an artifact directory and return its path.
 
     With ``tensor_parallel`` N > 1 the library holds the functions of one shard (run by each of
@@ -61,7 +63,8 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
     over the shards instead of cutting every expert. ``quant`` ("q8" or "q4") stores the
     projections as group-wise integers (``compile/quantization.py``), the lm_head as int8 or
     as ``quant_head`` says. ``tuning_records`` is a directory written by ``tune_model`` for the
-    same target and CPU.
+    same target and CPU. ``packed_weights``: where the build stores bfloat16 panels, keep the
+    lm_head and the dense projections losslessly in 12 bits (``schedules/bf16_packed.py``).
     """
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)
@@ -78,15 +81,19 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         if backend.tuning_phase is None:
             raise TargetError(f"target {backend.name} takes no tuning records")
         records = TuningRecords(Path(tuning_records), tvm_target)
-    panels = _panels(backend, tvm_target, dtype)
-    packed_head = (head_exceptions(model_dir, config) if panels and head_scheme is None
+    packing = packed_weights and _panels(backend, tvm_target, dtype)
+    packed_head = (head_exceptions(model_dir, config) if packing and head_scheme is None
                    and parallel.vocab_shards(config.vocab_size) == 1
                    and bf16_panel.fits(config.vocab_size, config.hidden_size) else None)
-    mod, named_params = _model_module(config, backend, dtype, parallel, scheme, head_scheme,
-                                      tvm_target, packed_head)
-    params = [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
-                        quant_param(p), p.attrs.get(LAYOUT_ATTR))
-              for name, p in named_params]
+    build = _build(backend, tvm_target, dtype, parallel, scheme, head_scheme, packed_head)
+    mod, named_params = _model_module(config, backend, build, tvm_target)
+    params = _param_infos(named_params)
+    if packing and parallel.shards == 1:  # the projections' capacities, from the panel build
+        capacities = projection_exceptions(model_dir, params, config)
+        if capacities:
+            build = dataclasses.replace(build, packed_projections=tuple(capacities.items()))
+            mod, named_params = _model_module(config, backend, build, tvm_target)
+            params = _param_infos(named_params)
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
@@ -153,8 +160,8 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
     backend.prepare_process(choice)
     scheme, head_scheme = parse_quantization(quant, quant_group, None)
     tvm_target = backend.tvm_target(choice)
-    mod, _ = _model_module(config, backend, dtype, Parallelism(1, False), scheme, head_scheme,
-                           tvm_target)
+    build = _build(backend, tvm_target, dtype, Parallelism(1, False), scheme, head_scheme)
+    mod, _ = _model_module(config, backend, build, tvm_target)
     phases = phases_until(backend.pipeline(tvm_target), backend.tuning_phase)
     mod = run_pipeline(mod, phases, tvm_target)
     records_dir = Path(records_dir)
@@ -170,26 +177,37 @@ def _panels(backend: Target, tvm_target: tvm.target.Target, dtype: str) -> bool:
     return backend.name == "llvm" and bf16_dot.usable(tvm_target, dtype)
 
 
-def _model_module(config: Qwen3Config, backend: Target, dtype: str, parallel: Parallelism,
-                  scheme: QuantScheme | None, head_scheme: QuantScheme | None,
-                  tvm_target: tvm.target.Target, packed_head: int | None = None
-                  ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    """The model as a Relax module, after checking the target can build it this way;
-    ``packed_head``: the lm_head's exception count where it is packed in 12 bits."""
-    if dtype not in NUMPY_DTYPES:
-        raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(NUMPY_DTYPES)}")
+def _build(backend: Target, tvm_target: tvm.target.Target, dtype: str, parallel: Parallelism,
+           scheme: QuantScheme | None, head_scheme: QuantScheme | None,
+           packed_head: int | None = None) -> Build:
+    """How the model is built for this target (``packed_head``: the lm_head's exception count
+    where it is packed in 12 bits)."""
+    return Build(dtype, parallel, scheme, head_scheme, gpu=tvm_target.kind.name == "cuda",
+                 panels=_panels(backend, tvm_target, dtype), packed_head=packed_head)
+
+
+def _model_module(config: Qwen3Config, backend: Target, build: Build,
+                  tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
+    """The model as a Relax module, after checking the target can build it this way."""
+    if build.dtype not in NUMPY_DTYPES:
+        raise ConfigError(f"unsupported dtype {build.dtype!r}; "
+                          f"choose one of {', '.join(NUMPY_DTYPES)}")
     backend.check_model(config)
-    parallel.check(config)
-    backend.check_parallel(parallel)
-    if scheme is not None:
-        backend.check_quantization(scheme, parallel)
+    build.parallel.check(config)
+    backend.check_parallel(build.parallel)
+    if build.quant is not None:
+        backend.check_quantization(build.quant, build.parallel)
     with tvm_target:
-        model = Qwen3ForCausalLM(
-            config, Build(dtype, parallel, scheme, head_scheme,
-                          gpu=tvm_target.kind.name == "cuda",
-                          panels=_panels(backend, tvm_target, dtype), packed_head=packed_head))
+        model = Qwen3ForCausalLM(config, build)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     return mod, named_params
+
+
+def _param_infos(named_params: list[tuple[str, Any]]) -> list[ParamInfo]:
+    """What the manifest records of each parameter of the graph."""
+    return [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
+                      quant_param(p), p.attrs.get(LAYOUT_ATTR))
+            for name, p in named_params]
 
 
 def _context_length(config: Qwen3Config, requested: int | None) -> int:

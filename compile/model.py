@@ -176,24 +176,38 @@ class PanelLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ in float32 with a bfloat16 W stored losslessly in 12 bits
+    """y = x Wᵀ (+ b) with a bfloat16 W stored losslessly in 12 bits
     (``schedules/bf16_packed.py``): the same products as ``PanelLinear`` from 3/4 of the
-    bytes, for a head that decode streams whole every step. ``exceptions``: how many of W's
-    values the packing lists apart (``bf16_packed.count_exceptions``, known before the graph)."""
+    bytes, which decode streams whole every step (prefills of ``WHOLE_PANEL_TOKENS`` or more
+    decode each panel once, then run ``PanelLinear``'s tiles). ``exceptions``: how many of W's
+    values the packing lists apart (``bf16_packed.count_exceptions``, known before the graph;
+    a capacity, when one kernel serves several weights of the shape). Sums are float32; the
+    result is in ``out_dtype``."""
 
-    def __init__(self, in_features: int, out_features: int, exceptions: int):
+    def __init__(self, in_features: int, out_features: int, exceptions: int, *,
+                 bias: bool = False, out_dtype: str = ACCUMULATE):
         self.in_features, self.out_features, self.exceptions = (in_features, out_features,
                                                                 exceptions)
+        self.out_dtype = out_dtype
         parts = bf16_packed.parameter_shapes(out_features, in_features, exceptions)
         for role, (shape, dtype) in parts.items():
             part = nn.Parameter(shape, dtype)
             part.attrs[LAYOUT_ATTR] = bf16_packed.part_layout(role)
             setattr(self, "weight" if role == "values" else f"weight_{role}", part)
+        self.bias = nn.Parameter((out_features,), ACCUMULATE) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         N, K, E = self.out_features, self.in_features, self.exceptions
-        return kernel_projection(x, N, None, ACCUMULATE, "packed_gemm",
+        return kernel_projection(x, N, self.bias, self.out_dtype, "packed_gemm",
                                  lambda sums: bf16_packed.packed_gemm(N, K, E, sums),
+                                 *self.parts())
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(gate) * up of this gate_up projection in one kernel, from its float32 sums."""
+        H, I, E = self.in_features, self.out_features // 2, self.exceptions
+        assert self.bias is None, "Qwen3's MLP has no bias"
+        return kernel_projection(x, I, None, self.out_dtype, "packed_gate_up_silu",
+                                 lambda _: mlp.packed_gate_up_silu(H, I, E, self.out_dtype),
                                  *self.parts())
 
     def rows(self, ids: Tensor) -> Tensor:
@@ -263,19 +277,30 @@ class Build:
     gpu: bool = False  # MoE kernels with thread bindings (schedules/moe_gpu.py)
     panels: bool = False  # bfloat16 projections stored in panels (schedules/bf16_panel.py)
     packed_head: int | None = None  # the lm_head in 12 bits with this many exceptions
+    # dense projections in 12 bits: ((out_features, in_features), exception capacity) per shape
+    packed_projections: tuple[tuple[tuple[int, int], int], ...] = ()
+
+    def packed_capacity(self, out_features: int, in_features: int) -> int | None:
+        """The exception capacity of packed [out, in] projections, or None if not packed."""
+        return dict(self.packed_projections).get((out_features, in_features))
 
 
 def projection(in_features: int, out_features: int, *, bias: bool, build: Build,
                all_reduce: bool = False, gate_up: bool = False) -> nn.Module:
     """A quantized projection where the build asks for one and the shape fits its kernels,
-    else one on bfloat16 panels where the build stores them (one shard only: the panels are
-    cut from the whole weight), else the plain one. ``gate_up``: the MLP's, for SwiGLU."""
+    else, where the build stores bfloat16 panels (one shard only: the panels are cut from the
+    whole weight), one packed in 12 bits if the build packs the shape, else one on panels;
+    else the plain one. ``gate_up``: the MLP's, for SwiGLU."""
     scheme = build.quant
     if scheme is not None and scheme.fits(out_features, in_features) and not all_reduce:
         return QuantLinear(in_features, out_features, bias=bias, dtype=build.dtype,
                            scheme=scheme, gate_up=gate_up)
     if (build.panels and build.parallel.shards == 1
             and bf16_panel.fits(out_features, in_features)):
+        capacity = build.packed_capacity(out_features, in_features)
+        if capacity is not None:
+            return PackedLinear(in_features, out_features, capacity, bias=bias,
+                                out_dtype=build.dtype)
         return PanelLinear(in_features, out_features, bias=bias, dtype=build.dtype)
     return Linear(in_features, out_features, bias=bias, dtype=build.dtype,
                   all_reduce=all_reduce)
@@ -373,7 +398,7 @@ class Qwen3MLP(nn.Module):
         shard(self.down_proj.weight, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.gate_up_proj, PanelLinear | QuantLinear):  # their own kernels
+        if isinstance(self.gate_up_proj, PanelLinear | PackedLinear | QuantLinear):  # own kernels
             return self.down_proj(self.gate_up_proj.swiglu(x))
         gate, up = op.split(self.gate_up_proj(x), indices_or_sections=2, axis=-1)
         return self.down_proj(op.silu(gate) * up)  # mlp.fuse_gate_up_silu rewrites this

@@ -185,17 +185,7 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
     weight is assembled in float32 and quantized once for its integers and its scales."""
 
     def assemble(param: ParamInfo, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        sources = _sources(param, config)
-        try:
-            rows = [_concatenated(checkpoint, names, dtype) for names in sources.rows]
-            array = np.stack(rows) if sources.stacked else rows[0]
-        except ValueError as bad:  # parts whose shapes do not line up
-            raise CheckpointError(f"cannot assemble {param.name!r} from "
-                                  f"{', '.join(sources.names()[:3])}: {bad}") from None
-        if tuple(array.shape) != tuple(shape):
-            raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
-                                  f"checkpoint, but config.json implies {tuple(shape)}")
-        return np.ascontiguousarray(array)
+        return _assembled(checkpoint, param, config, dtype, shape)
 
     quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # float name -> (values, scales)
     packed: dict[str, dict[str, np.ndarray]] = {}  # weight name -> its parts left to write
@@ -204,8 +194,9 @@ def converted_params(checkpoint: Checkpoint, params: list[ParamInfo], config: Qw
         if role is not None:  # one part of a 12-bit bfloat16 weight (never cut)
             source = bf16_packed.part_source(param.name, role)
             if source not in packed:
-                weight = assemble(param, NUMPY_DTYPES["bfloat16"], _packed_shape(params, source))
-                packed[source] = dataclasses.asdict(bf16_packed.pack(weight))
+                shape, capacity = _packed_shape(params, source)
+                weight = assemble(param, NUMPY_DTYPES["bfloat16"], shape)
+                packed[source] = dataclasses.asdict(bf16_packed.pack(weight, capacity))
             array = packed[source].pop(role)
             if not packed[source]:
                 del packed[source]
@@ -249,11 +240,48 @@ def head_exceptions(model_dir: Path, config: Qwen3Config) -> int:
     return bf16_packed.count_exceptions(weight)
 
 
-def _packed_shape(params: list[ParamInfo], source: str) -> tuple[int, ...]:
-    """The [n, k] shape of a packed weight, from its values part ([n / 64, k / 2, .])."""
+def projection_exceptions(model_dir: Path, params: list[ParamInfo],
+                          config: Qwen3Config) -> dict[tuple[int, int], int]:
+    """For each [n, k] shape of the dense projections stored in bfloat16 panels (``params``
+    of a build without packed projections), the most exceptions the 12-bit packing of one of
+    them lists apart: the capacity of the shape's packed parameters, needed before the graph
+    is built (one kernel per shape, not per weight)."""
+    capacity: dict[tuple[int, int], int] = {}
+    with Checkpoint(model_dir) as checkpoint:
+        for param in params:
+            if param.layout != bf16_panel.LAYOUT or len(param.shape) != 4:  # dense weights only
+                continue
+            shape = bf16_panel.weight_shape(param.shape)
+            weight = _assembled(checkpoint, param, config, NUMPY_DTYPES["bfloat16"], shape)
+            count = bf16_packed.count_exceptions(weight)
+            capacity[shape] = max(capacity.get(shape, 0), count)
+    return capacity
+
+
+def _assembled(checkpoint: Checkpoint, param: ParamInfo, config: Qwen3Config, dtype: np.dtype,
+               shape: tuple[int, ...]) -> np.ndarray:
+    """The float weight of ``param`` from its HF sources, in ``dtype``, checked to be
+    ``shape``."""
+    sources = _sources(param, config)
+    try:
+        rows = [_concatenated(checkpoint, names, dtype) for names in sources.rows]
+        array = np.stack(rows) if sources.stacked else rows[0]
+    except ValueError as bad:  # parts whose shapes do not line up
+        raise CheckpointError(f"cannot assemble {param.name!r} from "
+                              f"{', '.join(sources.names()[:3])}: {bad}") from None
+    if tuple(array.shape) != tuple(shape):
+        raise CheckpointError(f"weight {param.name!r} has shape {tuple(array.shape)} in the "
+                              f"checkpoint, but config.json implies {tuple(shape)}")
+    return np.ascontiguousarray(array)
+
+
+def _packed_shape(params: list[ParamInfo], source: str) -> tuple[tuple[int, int], int]:
+    """The [n, k] shape of a packed weight, from its values part ([n / 64, k / 2, .]), and its
+    exception capacity, from its ``at`` part."""
     values = next(p for p in params if p.name == source)
+    at = next(p for p in params if p.name == f"{source}_at")
     panels, pairs, _ = values.shape
-    return (panels * bf16_packed.PANEL, pairs * 2)
+    return (panels * bf16_packed.PANEL, pairs * 2), at.shape[0]
 
 
 def _concatenated(checkpoint: Checkpoint, names: tuple[str, ...], dtype: np.dtype) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, bf16_panel
+from qwen3c.schedules import bf16_dot, bf16_panel, moe
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES, VECTORS, PANEL = bf16_panel.LANES, bf16_panel.VECTORS, bf16_panel.PANEL
@@ -33,6 +33,7 @@ PAIR_BYTES = VECTORS * ELEMENTS * 3 // 2  # bytes per k-pair of a panel: 128 low
 CODES = 16
 ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' high byte
 TILE_TOKENS = bf16_panel.TILE_TOKENS
+WHOLE_PANEL_TOKENS = 64  # from here on a task decodes its panel once (see ``projection``)
 LAYOUT = "bf16-packed12-panels-64"  # the manifest's name; each part is ``part_layout(role)``
 
 SYMBOL = "qwen3c_bf16_from12"
@@ -97,7 +98,7 @@ def parameter_shapes(n: int, k: int, exceptions: int) -> dict[str, tuple[tuple[i
             "at": ((E,), "int32"), "value": ((E,), "float32")}
 
 
-def _part_buffers(n: int, k: int, exceptions: int) -> list[tirx.Buffer]:
+def part_buffers(n: int, k: int, exceptions: int) -> list[tirx.Buffer]:
     """The kernels' buffers of the parts, in ``parameter_shapes``' (and ``Packed``'s) order."""
     return [T.Buffer(shape, dtype)
             for shape, dtype in parameter_shapes(n, k, exceptions).values()]
@@ -119,8 +120,9 @@ def part_source(name: str, role: str) -> str:
     return name if role == "values" else name.removesuffix(f"_{role}")
 
 
-def pack(weight: np.ndarray) -> Packed:
-    """``weight`` ([n, k] bfloat16, n a multiple of PANEL, k of ``bf16_dot.STEP``) packed."""
+def pack(weight: np.ndarray, capacity: int = 1) -> Packed:
+    """``weight`` ([n, k] bfloat16, n a multiple of PANEL, k of ``bf16_dot.STEP``) packed, its
+    exception list padded to ``capacity`` entries (the graph's, shared by a shape's weights)."""
     n, k = weight.shape
     bits = np.ascontiguousarray(weight).view(np.uint16)
     table = high_byte_table(high_byte_counts(bits))
@@ -141,8 +143,9 @@ def pack(weight: np.ndarray) -> Packed:
     np.cumsum(np.bincount(panel, minlength=n // PANEL), out=offsets[1:])
     at = (pair * VECTORS * ELEMENTS + element).astype(np.int32)
     exact = (panels[panel, pair, element].astype(np.uint32) << 16).view(np.float32)
-    if not len(at):  # one unused entry: the kernel's buffers are never empty
-        at, exact = np.zeros(1, np.int32), np.zeros(1, np.float32)
+    unused = max(capacity, 1) - len(at)  # never read: the kernels' buffers are never empty
+    if unused > 0:
+        at, exact = np.pad(at, (0, unused)), np.pad(exact, (0, unused))
     return Packed(np.ascontiguousarray(values), np.tile(table, 2), offsets, at, exact)
 
 
@@ -175,9 +178,12 @@ def _decoded(values, p, kp, v, table):
 def projection(n: int, k: int, out_dtype: str):
     """A TVMScript macro ``run(x, values, table, offsets, at, value, y, m)``: y[m, n] (float32
     sums rounded to ``out_dtype``) = x[m, k] · Wᵀ for a packed W; a parallel task per panel,
-    one token at a time (decode) or in tiles of TILE_TOKENS."""
+    one token at a time (decode), in tiles of TILE_TOKENS that each decode the panel as they
+    go, or, from WHOLE_PANEL_TOKENS tokens on, ``bf16_panel``'s tiles over the panel decoded
+    once into scratch."""
     N, K = n, k
     pairs = K // bf16_dot.PAIRS
+    panel_tile = bf16_panel.tile_sums(TILE_TOKENS, pairs, moe.same_row)
 
     @T.macro
     def sums(x, x_words, values, table, offsets, at, value, acc, wv, p, t0, tokens, last):
@@ -204,6 +210,17 @@ def projection(n: int, k: int, out_dtype: str):
                     * value[j])
 
     @T.macro
+    def unpack_panel(values, table, offsets, at, value, p, panel):
+        """panel[0, 0] = panel p of W in ``bf16_panel``'s layout, exceptions included."""
+        for kp in range(pairs):
+            for v in T.unroll(VECTORS):
+                panel[0, 0, kp, bf16_dot.words(v * LANES)] = _decoded(values, p, kp, v, table)
+        bits = T.decl_buffer((pairs * VECTORS * ELEMENTS,), "uint16", data=panel.data)
+        for j in range(offsets[p], offsets[p + 1]):
+            bits[at[j]] = T.Cast("uint16", T.shift_right(T.reinterpret("uint32", value[j]),
+                                                        T.uint32(16)))
+
+    @T.macro
     def store(y, acc, p, t0, tokens, m):
         for i in T.unroll(tokens):
             if t0 + i < m:
@@ -221,7 +238,18 @@ def projection(n: int, k: int, out_dtype: str):
                     T.reads()  # independent tasks; nothing schedules this block
                     T.writes()
                     wv = stack_buffer((VECTORS, LANES), bf16_dot.WORD)  # a k-pair, decoded
-                    if m > 1:
+                    if m >= WHOLE_PANEL_TOKENS:
+                        # K * 128 bytes (128-384 KB for the 0.6B shape): the workspace pool's
+                        panel = T.sblock_alloc_buffer((1, 1, pairs, PANEL), bf16_dot.WORD,
+                                                      scope="global")
+                        acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
+                                                    scope="global")
+                        unpack_panel(values, table, offsets, at, value, p, panel)
+                        for t in range((m + TILE_TOKENS - 1) // TILE_TOKENS):
+                            panel_tile(x_words, panel, acc, 0, 0, None, 0, t * TILE_TOKENS,
+                                       m - 1)
+                            store(y, acc, p, t * TILE_TOKENS, TILE_TOKENS, m)
+                    elif m > 1:
                         acc = T.sblock_alloc_buffer((TILE_TOKENS, VECTORS, LANES), "float32",
                                                     scope="global")
                         for t in range((m + TILE_TOKENS - 1) // TILE_TOKENS):
@@ -242,7 +270,7 @@ def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> 
     """``projection`` as a kernel, for a weight with this many exceptions."""
     K = k
     body = projection(n, k, out_dtype)
-    VALUES, TABLE, OFFSETS, AT, VALUE = _part_buffers(n, k, exceptions)
+    VALUES, TABLE, OFFSETS, AT, VALUE = part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
     def gemm(var_x: T.handle, values: VALUES, table: TABLE, offsets: OFFSETS, at: AT,
@@ -263,7 +291,7 @@ def packed_rows(n: int, k: int, exceptions: int) -> tirx.PrimFunc:
     k values per token, a few microseconds."""
     K = k
     pairs, SPAN = K // bf16_dot.PAIRS, VECTORS * ELEMENTS
-    VALUES, TABLE, OFFSETS, AT, VALUE = _part_buffers(n, k, exceptions)
+    VALUES, TABLE, OFFSETS, AT, VALUE = part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
     def lookup(var_ids: T.handle, values: VALUES, table: TABLE, offsets: OFFSETS, at: AT,

@@ -77,7 +77,7 @@ LAYOUTS = {  # the manifest's layout name -> how a weight is stored in it
 }
 
 
-def _sums(tokens: int, pairs: int, token_row):
+def tile_sums(tokens: int, pairs: int, token_row):
     """A TVMScript macro: ``acc[i]`` (VECTORS x LANES float32, one lane per weight row) = the
     activation row ``token_row(order, first + min(t0 + i, last))`` · panel ``p`` of expert
     ``e`` (dense weights are one expert's), for ``i < tokens``; rows past the last token repeat
@@ -105,7 +105,7 @@ def panel_rows(pairs: int, token_row, epilogue):
     """A TVMScript macro: panel ``p`` of expert ``e`` over the ``count`` activation rows from
     ``first``, in tiles of TILE_TOKENS (one row at a time when there is one), each tile's sums
     handed to ``epilogue(dst, routing, order, acc, first, t0, count, p, tokens)``."""
-    tile, single = _sums(TILE_TOKENS, pairs, token_row), _sums(1, pairs, token_row)
+    tile, single = tile_sums(TILE_TOKENS, pairs, token_row), tile_sums(1, pairs, token_row)
 
     @T.macro
     def run(x_words, panels, e, p, order, first, count, dst, routing):

@@ -44,13 +44,16 @@ def test_packed_gemm_matches_numpy(n, k):
     if not bf16_dot.available(target, "bfloat16", k):
         pytest.skip("the packed kernel needs a CPU with AVX512-BF16")
     weight = weight_with_outliers(n, k, n)
-    packed = bf16_packed.pack(weight)
-    kernel = tvm.compile(bf16_packed.packed_gemm(n, k, packed.exceptions).with_attr(
+    capacity = bf16_packed.count_exceptions(weight) + 3  # as if shared with another weight
+    packed = bf16_packed.pack(weight, capacity)
+    assert len(packed.at) == len(packed.value) == capacity > packed.exceptions
+    kernel = tvm.compile(bf16_packed.packed_gemm(n, k, capacity).with_attr(
         "global_symbol", "gemm"), target=target)
     arrays = [tvm.runtime.tensor(a) for a in (packed.values, packed.table, packed.offsets,
                                               packed.at, packed.value)]
     rng = np.random.default_rng(k)
-    for m in (1, 2, 6, 7, 17):  # decode, a partial tile, one tile, tiles and a partial one
+    # decode, a partial tile, one tile, tiles and a partial one; then the panel decoded once
+    for m in (1, 2, 6, 7, 17, bf16_packed.WHOLE_PANEL_TOKENS, bf16_packed.WHOLE_PANEL_TOKENS + 5):
         x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         kernel(tvm.runtime.tensor(x), *arrays, y)

@@ -32,39 +32,49 @@ def test_bfloat16_artifact_is_as_close_to_float32_as_hf_bfloat16(chunk, make_che
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied-with-bias", "tied"])
-def test_bfloat16_projections_on_panels_and_packed_head_match_hf(tied, make_checkpoint,
-                                                                 make_artifact):
-    """Where the CPU has bfloat16 dot products, the projections' weights are stored in panels
-    (``schedules/bf16_panel.py``) and the head in 12 bits (``schedules/bf16_packed.py``; when
-    tied, the embedding table packed, which the token lookup then reads); a q/k/v bias is
-    added to the float32 sums, and the head's logits are its float32 sums."""
+@pytest.mark.parametrize("packed_weights", [True, False], ids=["packed", "panels"])
+def test_bfloat16_projections_packed_or_on_panels_match_hf(tied, packed_weights,
+                                                           make_checkpoint, make_artifact):
+    """Where the CPU has bfloat16 dot products, the head and the projections' weights are
+    stored in 12 bits (``schedules/bf16_packed.py``; a tied head is the embedding table,
+    packed, which the token lookup then reads), or with ``packed_weights=False`` in panels
+    (``schedules/bf16_panel.py``); a q/k/v bias is added to the float32 sums, and the head's
+    logits are its float32 sums. Prompts of 64 tokens and more take the packed kernels'
+    prefill path (each panel decoded once), shorter ones their tiles."""
     if not bf16_dot.usable(host_target(), "bfloat16"):
         pytest.skip("builds store bfloat16 panels only for CPUs in bf16_dot.PAYS_ON")
     checkpoint = make_checkpoint(f"bf16-{'tied' if tied else 'bias-untied'}", **WIDER_CONFIG,
                                  attention_bias=not tied, tie_word_embeddings=tied,
                                  vocab_size=640)  # 10 panels
-    artifact = make_artifact(checkpoint, dtype="bfloat16")
+    artifact = make_artifact(checkpoint, dtype="bfloat16", packed_weights=packed_weights)
     params = json.loads((artifact / "manifest.json").read_text())["params"]
     layouts = {p["name"]: p["layout"] for p in params}
+    projections = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     on_panels = {name.split(".")[-2] for name, layout in layouts.items()
                  if layout == bf16_panel.LAYOUT}
-    assert on_panels == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    packed = {bf16_packed.part_role(layout): name for name, layout in layouts.items()
-              if bf16_packed.part_role(layout)}
-    assert set(packed) == {"values", "table", "offsets", "at", "value"}
-    assert packed["values"] == "lm_head.weight"
-    # tied: the packed head is the only table (tokens are looked up in it)
-    assert ("model.embed_tokens.weight" in layouts) is not tied
-    assert math.prod(next(p["shape"] for p in params if p["name"] == "lm_head.weight")) \
-        == 640 * WIDER_CONFIG["hidden_size"] * 3 // 2  # 12 bits a weight
-    shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
-    stored = sum(layout == bf16_panel.LAYOUT for layout in layouts.values())
-    assert f"{bf16_panel.LAYOUT} x{stored}" in shown
+    packed = {}  # role -> the names of the packed weights' parts
+    for name, layout in layouts.items():
+        if bf16_packed.part_role(layout):
+            packed.setdefault(bf16_packed.part_role(layout), []).append(name)
+    if not packed_weights:
+        assert on_panels == projections | (set() if tied else {"lm_head"}) and not packed
+        assert "model.embed_tokens.weight" in layouts
+    else:
+        assert not on_panels
+        assert set(packed) == {"values", "table", "offsets", "at", "value"}
+        assert {name.split(".")[-2] for name in packed["values"]} == projections | {"lm_head"}
+        # tied: the packed head is the only table (tokens are looked up in it)
+        assert ("model.embed_tokens.weight" in layouts) is not tied
+        assert math.prod(next(p["shape"] for p in params if p["name"] == "lm_head.weight")) \
+            == 640 * WIDER_CONFIG["hidden_size"] * 3 // 2  # 12 bits a weight
+        shown = CliRunner().invoke(main, ["inspect", str(artifact)]).output
+        assert f"{bf16_packed.part_layout('values')} x{len(packed['values'])}" in shown
     model = qwen3c.load(artifact)
-    ids = np.random.default_rng(6).integers(0, model.vocab_size, 64).tolist()
-    exact = HFReference(checkpoint, "float32").logits(ids)
-    assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
-                                   HFReference(checkpoint, "bfloat16").logits(ids))
+    for length in (64, 20):
+        ids = np.random.default_rng(length).integers(0, model.vocab_size, length).tolist()
+        exact = HFReference(checkpoint, "float32").logits(ids)
+        assert_as_faithful_as_hf_16bit(model.logits(ids), exact,
+                                       HFReference(checkpoint, "bfloat16").logits(ids))
 
 
 def test_prefill_on_amx_tiles_runs_in_a_fresh_process(make_checkpoint, make_artifact):
