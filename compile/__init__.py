@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,15 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
                    and parallel.vocab_shards(config.vocab_size) == 1
                    and bf16_panel.fits(config.vocab_size, config.hidden_size) else None)
     build = _build(backend, tvm_target, dtype, parallel, scheme, head_scheme, packed_head)
-    mod, named_params = _model_module(config, backend, build, tvm_target)
-    params = _param_infos(named_params)
+    model = _model(config, backend, build, tvm_target)
     if packing and parallel.shards == 1:  # the projections' capacities, from the panel build
-        capacities = projection_exceptions(model_dir, params, config)
+        capacities = projection_exceptions(model_dir, _param_infos(model.named_parameters()),
+                                           config)
         if capacities:
             build = dataclasses.replace(build, packed_projections=tuple(capacities.items()))
-            mod, named_params = _model_module(config, backend, build, tvm_target)
-            params = _param_infos(named_params)
+            model = _model(config, backend, build, tvm_target)
+    mod, named_params = _export(model, tvm_target)
+    params = _param_infos(named_params)
     entry_points = _entry_points(mod)
 
     with Checkpoint(model_dir) as checkpoint:
@@ -161,7 +163,7 @@ def tune_model(model_dir: str | Path, records_dir: str | Path, *, target: str = 
     scheme, head_scheme = parse_quantization(quant, quant_group, None)
     tvm_target = backend.tvm_target(choice)
     build = _build(backend, tvm_target, dtype, Parallelism(1, False), scheme, head_scheme)
-    mod, _ = _model_module(config, backend, build, tvm_target)
+    mod, _ = _export(_model(config, backend, build, tvm_target), tvm_target)
     phases = phases_until(backend.pipeline(tvm_target), backend.tuning_phase)
     mod = run_pipeline(mod, phases, tvm_target)
     records_dir = Path(records_dir)
@@ -186,9 +188,9 @@ def _build(backend: Target, tvm_target: tvm.target.Target, dtype: str, parallel:
                  panels=_panels(backend, tvm_target, dtype), packed_head=packed_head)
 
 
-def _model_module(config: Qwen3Config, backend: Target, build: Build,
-                  tvm_target: tvm.target.Target) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    """The model as a Relax module, after checking the target can build it this way."""
+def _model(config: Qwen3Config, backend: Target, build: Build,
+           tvm_target: tvm.target.Target) -> Qwen3ForCausalLM:
+    """The model's modules and parameters, after checking the target can build it this way."""
     if build.dtype not in NUMPY_DTYPES:
         raise ConfigError(f"unsupported dtype {build.dtype!r}; "
                           f"choose one of {', '.join(NUMPY_DTYPES)}")
@@ -198,12 +200,18 @@ def _model_module(config: Qwen3Config, backend: Target, build: Build,
     if build.quant is not None:
         backend.check_quantization(build.quant, build.parallel)
     with tvm_target:
-        model = Qwen3ForCausalLM(config, build)
+        return Qwen3ForCausalLM(config, build)
+
+
+def _export(model: Qwen3ForCausalLM, tvm_target: tvm.target.Target
+            ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
+    """The model as a Relax module, and its parameters by name."""
+    with tvm_target:
         mod, named_params = model.export_tvm(spec=model.get_default_spec())[:2]
     return mod, named_params
 
 
-def _param_infos(named_params: list[tuple[str, Any]]) -> list[ParamInfo]:
+def _param_infos(named_params: Iterable[tuple[str, Any]]) -> list[ParamInfo]:
     """What the manifest records of each parameter of the graph."""
     return [ParamInfo(name, tuple(int(d) for d in p.shape), str(p.dtype), shard_spec(p),
                       quant_param(p), p.attrs.get(LAYOUT_ATTR))
