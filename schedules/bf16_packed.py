@@ -33,7 +33,7 @@ PAIR_BYTES = VECTORS * ELEMENTS * 3 // 2  # bytes per k-pair of a panel: 128 low
 CODES = 16
 ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' high byte
 TILE_TOKENS = bf16_panel.TILE_TOKENS
-WHOLE_PANEL_TOKENS = 64  # from here on a task decodes its panel once (see ``projection``)
+WHOLE_PANEL_TOKENS = 32  # from here on a task decodes its panel once (see ``projection``)
 LAYOUT = "bf16-packed12-panels-64"  # the manifest's name; each part is ``part_layout(role)``
 
 SYMBOL = "qwen3c_bf16_from12"

@@ -39,7 +39,7 @@ def test_bfloat16_projections_packed_or_on_panels_match_hf(tied, packed_weights,
     stored in 12 bits (``schedules/bf16_packed.py``; a tied head is the embedding table,
     packed, which the token lookup then reads), or with ``packed_weights=False`` in panels
     (``schedules/bf16_panel.py``); a q/k/v bias is added to the float32 sums, and the head's
-    logits are its float32 sums. Prompts of 64 tokens and more take the packed kernels'
+    logits are its float32 sums. Prompts of 32 tokens and more take the packed kernels'
     prefill path (each panel decoded once), shorter ones their tiles."""
     if not bf16_dot.usable(host_target(), "bfloat16"):
         pytest.skip("builds store bfloat16 panels only for CPUs in bf16_dot.PAYS_ON")
