@@ -207,7 +207,8 @@ class PackedLinear(nn.Module):
         H, I, E = self.in_features, self.out_features // 2, self.exceptions
         assert self.bias is None, "Qwen3's MLP has no bias"
         return kernel_projection(x, I, None, self.out_dtype, "packed_gate_up_silu",
-                                 lambda _: mlp.packed_gate_up_silu(H, I, E, self.out_dtype),
+                                 lambda _: bf16_packed.packed_gemm(2 * I, H, E, self.out_dtype,
+                                                                   swiglu=True),
                                  *self.parts())
 
     def rows(self, ids: Tensor) -> Tensor:

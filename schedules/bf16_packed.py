@@ -24,7 +24,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import bf16_dot, bf16_panel, moe
+from qwen3c.schedules import bf16_dot, bf16_panel, mlp, moe
 from qwen3c.schedules.scratch import stack_buffer
 
 LANES, VECTORS, PANEL = bf16_panel.LANES, bf16_panel.VECTORS, bf16_panel.PANEL
@@ -269,10 +269,14 @@ def projection(n: int, k: int, out_dtype: str):
 
 
 @functools.cache
-def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> tirx.PrimFunc:
-    """``projection`` as a kernel, for a weight with this many exceptions."""
-    K = k
-    body = projection(n, k, out_dtype)
+def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32",
+                swiglu: bool = False) -> tirx.PrimFunc:
+    """``projection`` as a kernel, for a weight with this many exceptions; with ``swiglu``, of
+    a gate_up weight [2I, k]: its float32 sums, then act = silu(gate) * up ([m, I],
+    ``out_dtype``), in one kernel."""
+    K, outputs = k, n // 2 if swiglu else n
+    body = projection(n, k, "float32" if swiglu else out_dtype)
+    activate = mlp.swiglu_rows(n // 2, out_dtype)
     VALUES, TABLE, OFFSETS, AT, VALUE = part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
@@ -281,8 +285,16 @@ def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32") -> 
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         m = T.int64()
         x = T.match_buffer(var_x, (m, T.int64(K)), "bfloat16")
-        y = T.match_buffer(var_y, (m, T.int64(n)), out_dtype)
-        body(x, values, table, offsets, at, value, y, m)
+        y = T.match_buffer(var_y, (m, T.int64(outputs)), out_dtype)
+        if swiglu:
+            with T.sblock("gate_up"):
+                T.reads()  # runs once; nothing schedules this block
+                T.writes()
+                sums = T.sblock_alloc_buffer((m, T.int64(n)), "float32")
+                body(x, values, table, offsets, at, value, sums, m)
+                activate(m, sums, y)
+        else:
+            body(x, values, table, offsets, at, value, y, m)
 
     return gemm
 

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from qwen3c.schedules import amx_gemm, bf16_dot, bf16_packed, bf16_panel, moe
+from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel, moe
 from qwen3c.schedules.cpu_gemm import (
     FLOATS,
     OUT_DTYPE,
@@ -79,32 +79,6 @@ def gate_up_silu(hidden: int, intermediate: int, dtype: str, lanes: int = 16,
             T.writes()
             y = T.sblock_alloc_buffer((n, T.int64(2 * I)), OUT_DTYPE)
             body(x, weight, y, n)
-            activate(n, y, act)
-
-    return gate_up
-
-
-@functools.cache
-def packed_gate_up_silu(hidden: int, intermediate: int, exceptions: int,
-                        dtype: str) -> tirx.PrimFunc:
-    """``gate_up_silu`` for a W [2I, H] packed in 12 bits (``bf16_packed.py``): its float32
-    sums, then SwiGLU, in one kernel."""
-    H, I = hidden, intermediate
-    body, activate = bf16_packed.projection(2 * I, H, OUT_DTYPE), swiglu_rows(I, dtype)
-    VALUES, TABLE, OFFSETS, AT, VALUE = bf16_packed.part_buffers(2 * I, H, exceptions)
-
-    @T.prim_func(private=True, s_tir=True)
-    def gate_up(var_x: T.handle, values: VALUES, table: TABLE, offsets: OFFSETS, at: AT,
-                value: VALUE, var_act: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, T.int64(H)), dtype)
-        act = T.match_buffer(var_act, (n, T.int64(I)), dtype)
-        with T.sblock("gate_up"):
-            T.reads()  # runs once; nothing schedules this block
-            T.writes()
-            y = T.sblock_alloc_buffer((n, T.int64(2 * I)), OUT_DTYPE)
-            body(x, values, table, offsets, at, value, y, n)
             activate(n, y, act)
 
     return gate_up

@@ -62,6 +62,30 @@ def test_packed_gemm_matches_numpy(n, k):
         np.testing.assert_allclose(y.numpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
+def test_packed_gate_up_swiglu_matches_numpy():
+    """A packed gate_up [2I, k]: silu(gate) * up from its float32 sums, in one kernel."""
+    target = host_target()
+    n, k = 256, 64
+    if not bf16_dot.available(target, "bfloat16", k):
+        pytest.skip("the packed kernel needs a CPU with AVX512-BF16")
+    weight = weight_with_outliers(n, k, 9)
+    packed = bf16_packed.pack(weight)
+    kernel = tvm.compile(bf16_packed.packed_gemm(n, k, packed.exceptions, "float32",
+                                                 swiglu=True).with_attr("global_symbol", "g"),
+                         target=target)
+    arrays = [tvm.runtime.tensor(a) for a in (packed.values, packed.table, packed.offsets,
+                                              packed.at, packed.value)]
+    rng = np.random.default_rng(10)
+    for m in (1, 7, bf16_packed.WHOLE_PANEL_TOKENS + 1):
+        x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
+        act = tvm.runtime.tensor(np.zeros((m, n // 2), np.float32))
+        kernel(tvm.runtime.tensor(x), *arrays, act)
+        gate, up = np.split(x.astype(np.float32) @ weight.astype(np.float32).T, 2, axis=1)
+        expected = gate / (1 + np.exp(-gate)) * up
+        np.testing.assert_allclose(act.numpy(), expected, rtol=1e-4,
+                                   atol=1e-4 * np.abs(expected).max())
+
+
 def test_packed_rows_are_the_weight_rows():
     """The token lookup of a tied model from its packed head: every row, exceptions included."""
     n, k = 128, 64
