@@ -132,15 +132,16 @@ def pack(weight: np.ndarray, capacity: int = 1) -> Packed:
     code_of = np.full(256, ZERO_CODE, np.uint8)
     code_of[table[:CODES - 1]] = np.arange(CODES - 1, dtype=np.uint8)
     code_of[0] = ZERO_CODE  # also where the table is short of non-zero high bytes
+    listed_apart = table[code_of] != np.arange(256)  # the high bytes the table lacks
     # [panels, pairs, 128]: the panel order of bf16_panel.to_panels, a k-pair's elements in a row
     panels = bf16_panel.to_panels(bits).reshape(n // PANEL, k // 2, VECTORS * ELEMENTS)
-    high, low = (panels >> 8).astype(np.uint8), (panels & 0xFF).astype(np.uint8)
-    code = code_of[high]
-    exception = (table[code] != high)
-    low[exception] = 0
-    code = code.reshape(n // PANEL, k // 2, VECTORS // 2, 2, ELEMENTS)
-    code_bytes = (code[..., 0, :] | (code[..., 1, :] << 4)).reshape(n // PANEL, k // 2, -1)
-    values = np.concatenate([low, code_bytes], axis=-1)
+    low, high = np.moveaxis(panels.view(np.uint8).reshape(*panels.shape, 2), -1, 0)  # x86, LE
+    exception = listed_apart[high]
+    code = code_of[high].reshape(n // PANEL, k // 2, VECTORS // 2, 2, ELEMENTS)
+    values = np.empty((n // PANEL, k // 2, PAIR_BYTES), np.uint8)
+    values[..., :VECTORS * ELEMENTS] = np.where(exception, np.uint8(0), low)
+    values[..., VECTORS * ELEMENTS:] = (code[..., 0, :] | (code[..., 1, :] << 4)).reshape(
+        n // PANEL, k // 2, -1)
     panel, pair, element = np.nonzero(exception)
     offsets = np.zeros(n // PANEL + 1, np.int32)
     np.cumsum(np.bincount(panel, minlength=n // PANEL), out=offsets[1:])
@@ -149,7 +150,7 @@ def pack(weight: np.ndarray, capacity: int = 1) -> Packed:
     unused = max(capacity, 1) - len(at)  # never read: the kernels' buffers are never empty
     if unused > 0:
         at, exact = np.pad(at, (0, unused)), np.pad(exact, (0, unused))
-    return Packed(np.ascontiguousarray(values), np.tile(table, 2), offsets, at, exact)
+    return Packed(values, np.tile(table, 2), offsets, at, exact)
 
 
 def unpack(packed: Packed, n: int, k: int) -> np.ndarray:
