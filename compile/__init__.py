@@ -82,11 +82,11 @@ def compile_model(model_dir: str | Path, *, target: str = "llvm", dtype: str = "
         if backend.tuning_phase is None:
             raise TargetError(f"target {backend.name} takes no tuning records")
         records = TuningRecords(Path(tuning_records), tvm_target)
-    packing = packed_weights and _panels(backend, tvm_target, dtype)
-    packed_head = (head_exceptions(model_dir, config) if packing and head_scheme is None
-                   and parallel.vocab_shards(config.vocab_size) == 1
-                   and bf16_panel.fits(config.vocab_size, config.hidden_size) else None)
-    build = _build(backend, tvm_target, dtype, parallel, scheme, head_scheme, packed_head)
+    build = _build(backend, tvm_target, dtype, parallel, scheme, head_scheme)
+    packing = packed_weights and build.panels
+    if (packing and head_scheme is None and parallel.vocab_shards(config.vocab_size) == 1
+            and bf16_panel.fits(config.vocab_size, config.hidden_size)):
+        build = dataclasses.replace(build, packed_head=head_exceptions(model_dir, config))
     model = _model(config, backend, build, tvm_target)
     if packing and parallel.shards == 1:  # the projections' capacities, from the panel build
         capacities = projection_exceptions(model_dir, _param_infos(model.named_parameters()),
@@ -180,12 +180,10 @@ def _panels(backend: Target, tvm_target: tvm.target.Target, dtype: str) -> bool:
 
 
 def _build(backend: Target, tvm_target: tvm.target.Target, dtype: str, parallel: Parallelism,
-           scheme: QuantScheme | None, head_scheme: QuantScheme | None,
-           packed_head: int | None = None) -> Build:
-    """How the model is built for this target (``packed_head``: the lm_head's exception count
-    where it is packed in 12 bits)."""
+           scheme: QuantScheme | None, head_scheme: QuantScheme | None) -> Build:
+    """How the model is built for this target, nothing packed in 12 bits yet."""
     return Build(dtype, parallel, scheme, head_scheme, gpu=tvm_target.kind.name == "cuda",
-                 panels=_panels(backend, tvm_target, dtype), packed_head=packed_head)
+                 panels=_panels(backend, tvm_target, dtype))
 
 
 def _model(config: Qwen3Config, backend: Target, build: Build,

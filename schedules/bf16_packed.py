@@ -277,7 +277,7 @@ def packed_gemm(n: int, k: int, exceptions: int, out_dtype: str = "float32",
     ``out_dtype``), in one kernel."""
     K, outputs = k, n // 2 if swiglu else n
     body = projection(n, k, "float32" if swiglu else out_dtype)
-    activate = mlp.swiglu_rows(n // 2, out_dtype)
+    activate = mlp.swiglu_rows(n // 2, out_dtype) if swiglu else None
     VALUES, TABLE, OFFSETS, AT, VALUE = part_buffers(n, k, exceptions)
 
     @T.prim_func(private=True, s_tir=True)
