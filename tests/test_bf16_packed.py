@@ -53,7 +53,8 @@ def test_packed_gemm_matches_numpy(n, k):
                                               packed.at, packed.value)]
     rng = np.random.default_rng(k)
     # decode, a partial tile, one tile, tiles and a partial one; then the panel decoded once
-    for m in (1, 2, 6, 7, 17, bf16_packed.WHOLE_PANEL_TOKENS, bf16_packed.WHOLE_PANEL_TOKENS + 5):
+    for m in (1, 2, 3, 6, 7, 10, 17, bf16_packed.WHOLE_PANEL_TOKENS,
+              bf16_packed.WHOLE_PANEL_TOKENS + 5):
         x = rng.normal(size=(m, k)).astype(ml_dtypes.bfloat16)
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
         kernel(tvm.runtime.tensor(x), *arrays, y)
