@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import re
 import sys
 from collections import Counter
@@ -266,14 +265,15 @@ def inspect_command(artifact: Path, as_json: bool) -> None:
         click.echo((directory / "manifest.json").read_text(encoding="utf-8"), nl=False)
         return
     model = manifest.model
-    n_params = sum(math.prod(p.shape) for p in manifest.params)
+    stored_bytes = sum(p.nbytes for p in manifest.params)
     lines = [
         f"artifact      {directory}",
         f"architecture  {manifest.architecture}: {model['num_hidden_layers']} layers, hidden "
         f"{model['hidden_size']}, heads {model['num_attention_heads']}/"
         f"{model['num_key_value_heads']} x {model['head_dim']}, vocab {model['vocab_size']}, "
         f"{'tied' if model['tie_word_embeddings'] else 'untied'} embeddings",
-        f"parameters    {n_params / 1e6:.1f} M per shard in {len(manifest.params)} tensors, "
+        f"parameters    {manifest.config().parameter_count() / 1e6:.1f} M, stored as "
+        f"{stored_bytes / 1e6:.1f} MB per shard in {len(manifest.params)} tensors, "
         f"{manifest.dtype}, {sum(map(len, manifest.weight_files))} weight file(s)",
         f"quantized     {_describe_quant(manifest.quant)}",
         f"layouts       {_describe_layouts(manifest.params)}",

@@ -48,6 +48,20 @@ class Qwen3Config:
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
+    def parameter_count(self) -> int:
+        """The checkpoint's parameters as HF counts them (``num_parameters()``): what the model
+        is, whatever layout, packing or quantization an artifact stores it in."""
+        H, D, V = self.hidden_size, self.head_dim, self.vocab_size
+        q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
+        attention = 2 * H * q + 2 * H * kv + 2 * D  # q, k, v, o; q_norm and k_norm
+        if self.attention_bias:
+            attention += q + 2 * kv + H
+        dense_mlp = 3 * H * self.intermediate_size
+        experts = self.num_experts * (H + 3 * H * self.moe_intermediate_size)  # router too
+        layers = sum(attention + 2 * H + (experts if self.is_moe_layer(i) else dense_mlp)
+                     for i in range(self.num_hidden_layers))
+        return V * H + layers + H + (0 if self.tie_word_embeddings else V * H)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen3Config:
         architecture = _check_supported(raw)

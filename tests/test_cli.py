@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import qwen3c
 from qwen3c.cli import main
+from qwen3c.compile.config import load_config
 
 
 def invoke(*args: str):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
+
+
+def checkpoint_elements(model_dir) -> int:
+    """How many numbers the checkpoint's safetensors hold (HF saves a tied weight once)."""
+    with safe_open(next(model_dir.glob("*.safetensors")), "np") as weights:
+        names = weights.keys()  # a safe_open is not iterable
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
+
+
+@pytest.mark.parametrize("name, moe, overrides", [
+    ("count-tied", False, {}),
+    ("count-untied-bias", False, {"tie_word_embeddings": False, "attention_bias": True}),
+    ("count-moe-sparse", True, {"num_hidden_layers": 4, "decoder_sparse_step": 2,
+                                "mlp_only_layers": [3]}),
+])
+def test_parameter_count_is_the_checkpoints(make_checkpoint, name, moe, overrides):
+    """What ``inspect`` reports: the model's parameters, not the artifact's stored elements."""
+    model_dir = make_checkpoint(name, moe=moe, **overrides)
+    assert load_config(model_dir).parameter_count() == checkpoint_elements(model_dir)
 
 
 def test_compile_inspect_run(tiny_checkpoint, tmp_path):
@@ -35,6 +57,7 @@ def test_compile_inspect_run(tiny_checkpoint, tmp_path):
 
     shown = invoke("inspect", out / "model.so").output
     assert "Qwen3ForCausalLM" in shown and "prefill(" in shown and "float32" in shown
+    assert f"parameters    {checkpoint_elements(tiny_checkpoint) / 1e6:.1f} M, " in shown
     assert "layouts       as in the checkpoint" in shown  # float32: no bfloat16 panels
     target = manifest["target"]
     assert f"cpu={target['cpu']}{''.join(' +' + f for f in target['features'])}\n" in shown
