@@ -11,10 +11,20 @@ import tvm
 from conftest import host_target
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
+from tvm.script.parser.core.parser import ScriptMacro
 
 from qwen3c.compile.model import Linear
 from qwen3c.compile.pipeline import run_pipeline
-from qwen3c.schedules import amx_gemm, bf16_dot, bf16_panel, fast_math, nt_gemm, schedule_nt_matmul
+from qwen3c.schedules import (
+    amx_gemm,
+    bf16_dot,
+    bf16_packed,
+    bf16_panel,
+    fast_math,
+    nt_gemm,
+    schedule_nt_matmul,
+    tvmscript_macros,
+)
 from qwen3c.schedules.mlp import gate_up_silu
 from qwen3c.targets import get_target
 
@@ -498,3 +508,12 @@ def test_reshapes_around_our_row_kernels_collapse(tiny_checkpoint, tmp_path):
     decode = decode[:decode.find("    @R.function")]
     layers = json.loads((tiny_checkpoint / "config.json").read_text())["num_hidden_layers"]
     assert decode.count('"vm.builtin.reshape"') <= 2 * layers + 2, decode
+
+
+def test_macros_expand_as_with_tvms_own_parser_search(monkeypatch):
+    """``tvmscript_macros``' faster search finds the same parser: a kernel of nested and
+    recursive macros parses to the same PrimFunc either way."""
+    assert ScriptMacro._find_parser_def is tvmscript_macros.find_parser
+    ours = bf16_packed.packed_gemm.__wrapped__(128, 64, 3)
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", tvmscript_macros.TVM_SEARCH)
+    tvm.ir.assert_structural_equal(bf16_packed.packed_gemm.__wrapped__(128, 64, 3), ours)
