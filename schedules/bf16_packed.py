@@ -185,9 +185,9 @@ def _decoded(values, p, kp, v, table):
 def projection(n: int, k: int, out_dtype: str):
     """A TVMScript macro ``run(x, values, table, offsets, at, value, y, m)``: y[m, n] (float32
     sums rounded to ``out_dtype``) = x[m, k] · Wᵀ for a packed W; a parallel task per panel,
-    one token at a time (decode), in tiles of TILE_TOKENS that each decode the panel as they
-    go, or, from WHOLE_PANEL_TOKENS tokens on, ``bf16_panel``'s tiles over the panel decoded
-    once into scratch.
+    one token at a time (decode), in tiles of TILE_TOKENS (the last of its own size) that each
+    decode the panel as they go, or, from WHOLE_PANEL_TOKENS tokens on, ``bf16_panel``'s
+    tiles over the panel decoded once into scratch.
 
     One token also prefetches, k-pair by k-pair, the values DECODE_AHEAD bytes on (past its
     panel's end: the next panel's). Decoding a vector keeps the core busy long enough that the
