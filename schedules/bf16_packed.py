@@ -35,8 +35,8 @@ CODES = 16
 ZERO_CODE = CODES - 1  # the table's +0.0 high byte: exceptions and true zeros' high byte
 TILE_TOKENS = bf16_panel.TILE_TOKENS
 WHOLE_PANEL_TOKENS = 32  # from here on a task decodes its panel once (see ``projection``)
-DECODE_AHEAD = 8192  # bytes: one token's kernel prefetches the values this far ahead (see
-#                      ``projection``)
+PREFETCH_AHEAD = 8192  # bytes: one token, and a panel's decoding into scratch, prefetch the
+#                        values this far ahead (see ``projection``)
 LAYOUT = "bf16-packed12-panels-64"  # the manifest's name; each part is ``part_layout(role)``
 
 SYMBOL = "qwen3c_bf16_from12"
@@ -189,17 +189,26 @@ def projection(n: int, k: int, out_dtype: str):
     decode the panel as they go, or, from WHOLE_PANEL_TOKENS tokens on, ``bf16_panel``'s
     tiles over the panel decoded once into scratch.
 
-    One token also prefetches, k-pair by k-pair, the values DECODE_AHEAD bytes on (past its
-    panel's end: the next panel's). Decoding a vector keeps the core busy long enough that the
-    hardware prefetcher alone left it waiting on its loads. Zen 5, 2 threads, weights rotated
-    past L3, against no prefetch in the same process: 6144x1024 1.17-1.36x (1 thread 1.40x),
-    4096x1024 1.21x, 1024x3072 1.20x, 1024x2048 1.18x, the 151936x1024 head 1.11x; 4 and 8 KB
-    ahead beat 2 KB, 12-16 KB gained no more. Several tokens are bound by compute, not memory
-    (4 tokens: 1.02x), so their tiles do not prefetch."""
+    One token, and the decoding of a panel into scratch, also prefetch k-pair by k-pair the
+    values PREFETCH_AHEAD bytes on (past the panel's end: the next panel's). Decoding a vector
+    keeps the core busy long enough that the hardware prefetcher alone left it waiting on its
+    loads. Zen 5, 2 threads, weights rotated past L3, against no prefetch in the same process:
+    one token 6144x1024 1.17-1.36x (1 thread 1.40x), 4096x1024 1.21x, 1024x3072 1.20x,
+    1024x2048 1.18x, the 151936x1024 head 1.11x (4 and 8 KB ahead beat 2 KB, 12-16 KB gained
+    no more); 32 tokens 1.12-1.15x, 64 tokens 1.09x, 128 tokens 1.01x. The tiles that decode
+    as they go are bound by compute, not memory (4 tokens: 1.02x), and do not prefetch."""
     N, K = n, k
     pairs = K // bf16_dot.PAIRS
     values_bytes = N // PANEL * pairs * PAIR_BYTES
     panel_tile = bf16_panel.tile_sums(TILE_TOKENS, pairs, moe.same_row)
+
+    @T.macro
+    def prefetch(values, p, kp, ahead):
+        """Prefetch k-pair kp of panel p's values ``ahead`` bytes on (into the next panel)."""
+        flat = T.decl_buffer((values_bytes,), "uint8", data=values.data)
+        for line in T.unroll(PAIR_BYTES // CACHE_LINE):
+            T.evaluate(prefetch_to_l2(T.address_of(flat[T.min(
+                (p * pairs + kp) * PAIR_BYTES + ahead + line * CACHE_LINE, values_bytes - 1)])))
 
     @T.macro
     def sums(x, x_words, values, table, offsets, at, value, acc, wv, p, t0, tokens, last, ahead):
@@ -207,13 +216,9 @@ def projection(n: int, k: int, out_dtype: str):
             for v in T.unroll(VECTORS):
                 for lane in T.vectorized(LANES):
                     acc[i, v, lane] = T.float32(0)
-        flat = T.decl_buffer((values_bytes,), "uint8", data=values.data)
         for kp in range(pairs):
             if ahead > 0:
-                for line in T.unroll(PAIR_BYTES // CACHE_LINE):
-                    T.evaluate(prefetch_to_l2(T.address_of(flat[T.min(
-                        (p * pairs + kp) * PAIR_BYTES + ahead + line * CACHE_LINE,
-                        values_bytes - 1)])))
+                prefetch(values, p, kp, ahead)
             for v in T.unroll(VECTORS):  # each vector decoded once for all the tokens
                 wv[v, bf16_dot.words(0)] = _decoded(values, p, kp, v, table)
             for i in T.unroll(tokens):
@@ -235,6 +240,7 @@ def projection(n: int, k: int, out_dtype: str):
     def unpack_panel(values, table, offsets, at, value, p, panel):
         """panel[0, 0] = panel p of W in ``bf16_panel``'s layout, exceptions included."""
         for kp in range(pairs):
+            prefetch(values, p, kp, PREFETCH_AHEAD)
             for v in T.unroll(VECTORS):
                 panel[0, 0, kp, bf16_dot.words(v * LANES)] = _decoded(values, p, kp, v, table)
         bits = T.decl_buffer((pairs * VECTORS * ELEMENTS,), "uint16", data=panel.data)
@@ -312,7 +318,7 @@ def projection(n: int, k: int, out_dtype: str):
                     else:
                         one = stack_buffer((1, VECTORS, LANES), "float32")
                         sums(x, x_words, values, table, offsets, at, value, one, wv, p,
-                             T.int64(0), 1, T.int64(0), DECODE_AHEAD)
+                             T.int64(0), 1, T.int64(0), PREFETCH_AHEAD)
                         store(y, one, p, T.int64(0), 1, m)
 
     return run
