@@ -267,14 +267,15 @@ def projection(n: int, k: int, out_dtype: str):
 
         return run
 
+    full_tile = tile(TILE_TOKENS)
+
     def last_tile(tokens: int):
         """A TVMScript macro: the last m - t0 tokens, ``tokens`` to TILE_TOKENS of them, in a
         tile of their number (a tile's decoding is shared by its tokens, its dot products are
         not: two tokens in a tile of six took 1.9x the time of one)."""
-        this = tile(tokens)
         if tokens == TILE_TOKENS:
-            return this
-        larger = last_tile(tokens + 1)
+            return full_tile
+        this, larger = tile(tokens), last_tile(tokens + 1)
 
         @T.macro
         def run(x, x_words, values, table, offsets, at, value, acc, wv, p, t0, y, m):
@@ -285,7 +286,7 @@ def projection(n: int, k: int, out_dtype: str):
 
         return run
 
-    full_tile, partial_tile = tile(TILE_TOKENS), last_tile(1)
+    partial_tile = last_tile(1)
 
     @T.macro
     def run(x, values, table, offsets, at, value, y, m):
